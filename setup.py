@@ -1,0 +1,24 @@
+"""wesar-composer: WeSaR (weight scaling as reparameterization) for Composer and llm-foundry."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name='wesar-composer',
+    version='0.1.0',
+    description='WeSaR (Nishida et al. 2024) as a Composer algorithm for llm-foundry pre-training',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['wesar_composer', 'wesar_composer.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'llm-foundry==0.22.0',
+    ],
+    extras_require={
+        'test': ['pytest>=7', 'pytest-timeout'],
+    },
+    entry_points={
+        'llmfoundry_algorithms': [
+            'wesar = wesar_composer.algorithms.wesar:WeSaR',
+        ],
+    },
+)

@@ -1,0 +1,1 @@
+"""Composer algorithms of wesar-composer, one folder each."""

@@ -1,0 +1,133 @@
+"""Gated drop-in replacements for ``nn.Linear`` and llm-foundry's ``SharedEmbedding``.
+
+A gated matrix computes with the virtual parameter W_bar = a * W (Section 4.1), where the
+actual parameter W ~ N(0, sigma^2) and the trainable gate a starts at s_r / sigma.
+
+Implementation choice: the linear layer scales the *weight* (one elementwise product of
+d_out x d_in per forward) rather than its output (B x T x d_out), because during
+pre-training the number of tokens in a batch far exceeds the width; the embedding scales its
+*output* instead (B x T x d is far smaller than vocab x d). Both keep the matmul itself
+untouched, so the only cost is one weight-sized multiply in forward and backward.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from llmfoundry.models.layers.custom_embedding import SharedEmbedding
+from torch import nn
+
+
+class GatedLinear(nn.Linear):
+    """``y = x (a * W)^T + b`` with one scalar gate per output slice.
+
+    ``slice_sizes`` splits the output rows (q, k, v of a fused projection); a plain
+    projection has one slice. ``weight_std`` and ``gate_init`` are kept so that
+    ``reset_parameters`` (called by Composer when it materializes a meta-device model)
+    gives exactly the WeSaR initialization.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        gate_init: Sequence[float] = (1.0,),
+        slice_sizes: Sequence[int] | None = None,
+        weight_std: float | None = None,
+        trainable_gate: bool = True,
+    ):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.slice_sizes = tuple(slice_sizes or (out_features,))
+        if sum(self.slice_sizes) != out_features or len(self.slice_sizes) != len(gate_init):
+            raise ValueError(f'slice_sizes {self.slice_sizes} and gates {tuple(gate_init)} do not fit {out_features} rows.')
+        self.gate_init = tuple(float(g) for g in gate_init)
+        self.weight_std = weight_std
+        self.gate = nn.Parameter(
+            torch.tensor(self.gate_init, device=device, dtype=dtype or torch.get_default_dtype()),
+            requires_grad=trainable_gate,
+        )
+
+    def reset_parameters(self) -> None:
+        if not hasattr(self, 'gate'):  # called by nn.Linear.__init__ before the gate exists
+            return super().reset_parameters()
+        with torch.no_grad():
+            if self.weight_std is not None:
+                self.weight.normal_(0.0, self.weight_std)
+            self.gate.copy_(torch.tensor(self.gate_init, dtype=self.gate.dtype))
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def row_gates(self) -> torch.Tensor:
+        """The gate of every output row, shape (out_features, 1)."""
+        if len(self.slice_sizes) == 1:
+            return self.gate.view(1, 1)
+        parts = [g.expand(n) for g, n in zip(self.gate.unbind(), self.slice_sizes)]
+        return torch.cat(parts).unsqueeze(1)
+
+    def virtual_weight(self) -> torch.Tensor:
+        """W_bar = a * W."""
+        return self.weight * self.row_gates()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.virtual_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, slices={self.slice_sizes}'
+
+
+class GatedEmbedding(SharedEmbedding):
+    """Token embedding ``a_e * W_e[x] * scale`` with embedding scaling ``scale = 1 / std(W_e)``.
+
+    With tied embeddings (MPT's ``SharedEmbedding``), the prediction head reuses W with its
+    own gate: ``logits = h (a_p * W)^T``.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        device=None,
+        dtype=None,
+        *,
+        gate_init: float = 1.0,
+        unembed_gate_init: float | None = None,
+        output_scale: float = 1.0,
+        weight_std: float | None = None,
+        trainable_gate: bool = True,
+    ):
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype)
+        self.gate_init = (float(gate_init),) if unembed_gate_init is None else (float(gate_init), float(unembed_gate_init))
+        self.output_scale = float(output_scale)
+        self.weight_std = weight_std
+        self.gate = nn.Parameter(torch.tensor(self.gate_init[:1], device=device), requires_grad=trainable_gate)
+        self.unembed_gate = None
+        if unembed_gate_init is not None:
+            self.unembed_gate = nn.Parameter(torch.tensor(self.gate_init[1:], device=device), requires_grad=trainable_gate)
+
+    def reset_parameters(self) -> None:
+        if not hasattr(self, 'gate'):
+            return super().reset_parameters()
+        with torch.no_grad():
+            if self.weight_std is not None:
+                self.weight.normal_(0.0, self.weight_std)
+            self.gate.fill_(self.gate_init[0])
+            if self.unembed_gate is not None:
+                self.unembed_gate.fill_(self.gate_init[1])
+
+    def forward(self, input: torch.Tensor, unembed: bool = False) -> torch.Tensor:
+        if unembed:
+            if self.unembed_gate is None:
+                raise RuntimeError('This embedding is not tied to a prediction head (no unembed gate).')
+            return F.linear(input, self.weight * self.unembed_gate)
+        out = F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+        return out * (self.gate * self.output_scale)
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, output_scale={self.output_scale:.4g}, tied={self.unembed_gate is not None}'
