@@ -10,10 +10,12 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from composer.utils import ensure_tuple, module_surgery
+from llmfoundry.callbacks import HuggingFaceCheckpointer
 from torch import nn
 from torch.optim import Optimizer
 
 from wesar_composer.algorithms.wesar.gated_modules import GatedEmbedding, GatedLinear
+from wesar_composer.algorithms.wesar.hf_export import fold_gates_on_hf_export
 from wesar_composer.roles import (
     BACKBONES,
     MatrixSpec,
@@ -187,6 +189,9 @@ def _add_gate_group(optimizer: Optimizer, gates: list[nn.Parameter], weight_deca
 class WeSaR(Algorithm):
     """Composer algorithm for WeSaR: runs :func:`apply_wesar` at ``Event.INIT``.
 
+    An llm-foundry ``hf_checkpointer`` in the same run exports the merged model (gates folded
+    into the weights), which loads with plain ``transformers``.
+
     YAML: ``algorithms: {wesar: {sigma_squared: 4.0e-5, backbone: he}}``.
 
     Args:
@@ -240,3 +245,6 @@ class WeSaR(Algorithm):
             embedding_scaling=self.embedding_scaling,
             role_map=self.role_map,
         )
+        for callback in state.callbacks:
+            if isinstance(callback, HuggingFaceCheckpointer):
+                fold_gates_on_hf_export(callback, state.model)
