@@ -60,7 +60,7 @@ def test_adam_update_of_w_does_not_depend_on_the_gate(optimizer_name, invariant)
             factor = 0.25 + 0.5 * i  # 0.25x to ~6x
             module.gate.mul_(factor)
             module.weight.div_(factor)
-    assert torch.allclose(model(batch()).logits, twin(batch()).logits, atol=1e-5)
+    assert torch.allclose(model(batch()).logits, twin(batch()).logits, atol=1e-4)
 
     if optimizer_name == 'adam':
         make = lambda params: torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.95), eps=1e-12)
