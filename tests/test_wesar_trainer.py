@@ -1,0 +1,87 @@
+"""WeSaR inside a Composer Trainer: optimizer groups, trainable and fixed gates, checkpoint resume."""
+
+import pytest
+import torch
+from composer import Trainer
+from composer.optim import DecoupledAdamW
+from torch.utils.data import DataLoader
+
+from model_builders import mpt
+from wesar_composer import WeSaR, gate_table
+from wesar_composer.algorithms.wesar import GatedLinear
+
+
+class TokenBatches(torch.utils.data.Dataset):
+    """Random token sequences with labels, as llm-foundry's collator yields them."""
+
+    def __init__(self, n=64, seq=32, vocab=512, seed=0):
+        self.tokens = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, i):
+        return {'input_ids': self.tokens[i], 'labels': self.tokens[i].clone(), 'attention_mask': torch.ones_like(self.tokens[i])}
+
+
+def trainer(model, duration='8ba', **kwargs):
+    optimizer = DecoupledAdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=1e-5)
+    return Trainer(
+        model=model,
+        train_dataloader=DataLoader(TokenBatches(), batch_size=4),
+        optimizers=optimizer,
+        max_duration=duration,
+        device='cpu',
+        seed=17,
+        progress_bar=False,
+        log_to_console=False,
+        **kwargs,
+    )
+
+
+def test_gates_get_their_own_param_group_and_train():
+    model = mpt(n_layers=2)
+    t = trainer(model, algorithms=[WeSaR(gate_weight_decay=0.0)])
+    groups = t.state.optimizers[0].param_groups
+    assert len(groups) == 2
+    gates = [m.gate for m in model.modules() if isinstance(m, GatedLinear)]
+    gate_group = groups[1]
+    assert {id(p) for p in gate_group['params']} >= {id(g) for g in gates}
+    assert gate_group['weight_decay'] == 0.0 and groups[0]['weight_decay'] == 1e-5
+    assert gate_group['initial_lr'] == groups[0]['initial_lr'] == 1e-3
+    before = [r['gate'] for r in gate_table(model)]
+    t.fit()
+    after = [r['gate'] for r in gate_table(model)]
+    assert all(abs(a - b) > 1e-6 for a, b in zip(after, before))
+
+
+def test_fixed_gates_stay_at_their_initial_value():
+    model = mpt(n_layers=2)
+    t = trainer(model, algorithms=[WeSaR(trainable_gates=False)])
+    assert len(t.state.optimizers[0].param_groups) == 1
+    before = gate_table(model)
+    t.fit()
+    after = gate_table(model)
+    assert [r['gate'] for r in after] == [r['gate'] for r in before]
+    assert all(abs(a['weight_std'] - b['weight_std']) > 0 for a, b in zip(after, before))  # W trained
+
+
+def test_resume_from_mid_run_checkpoint_gives_the_same_losses(tmp_path):
+    from composer.loggers import InMemoryLogger
+
+    def run(**kwargs):
+        logger = InMemoryLogger()
+        t = trainer(mpt(n_layers=2), duration='8ba', algorithms=[WeSaR()], loggers=[logger], **kwargs)
+        t.fit()
+        losses = [float(v) for _, v in logger.data['loss/train/total']]
+        return t, losses
+
+    _, uninterrupted = run()
+    _, first_half = run(save_folder=str(tmp_path), save_interval='4ba', save_filename='ep{epoch}-ba{batch}.pt')
+    checkpoint = tmp_path / 'ep0-ba4.pt'
+    assert checkpoint.exists()
+    resumed_trainer, resumed = run(load_path=str(checkpoint))
+    assert len(uninterrupted) == 8 and len(resumed) == 4
+    assert resumed == pytest.approx(uninterrupted[4:], rel=1e-6, abs=1e-7)
+    assert first_half[:4] == pytest.approx(uninterrupted[:4], rel=1e-6, abs=1e-7)
+    assert 'model.transformer.blocks.0.attn.Wqkv.gate' in resumed_trainer.state.model.state_dict()
