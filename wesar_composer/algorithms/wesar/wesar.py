@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from wesar_composer.algorithms.wesar.gated_modules import GatedEmbedding, GatedLinear
 from wesar_composer.algorithms.wesar.hf_export import fold_gates_on_hf_export
+from wesar_composer.param_init import route_param_init_fn
 from wesar_composer.roles import (
     BACKBONES,
     MatrixSpec,
@@ -33,6 +34,7 @@ __all__ = ['WeSaR', 'apply_wesar', 'gate_table', 'merge_gates', 'GATED_MODULES']
 
 DEFAULT_SIGMA_SQUARED = 4e-5  # Section 4.3: sigma^2 = 4e-5, the Small-init std of a d = 10,000 model
 GATED_MODULES = (GatedLinear, GatedEmbedding)
+ROUTE_TAG = 'wesar'
 
 
 def check_hparams(sigma_squared: float, backbone: str) -> float:
@@ -164,19 +166,14 @@ def _route_param_init_fn(model: nn.Module) -> None:
     Composer calls ``obj.param_init_fn(module)`` on each module when it materializes a meta
     model under FSDP; gated modules then get ``reset_parameters`` (W ~ N(0, sigma^2), a = s_r / sigma).
     """
-    for module in [model, *unwrap(model).modules()]:
-        original = getattr(module, 'param_init_fn', None)
-        if not callable(original) or getattr(original, '_wesar', False):
-            continue
+    route_param_init_fn(model, _reset_gated, ROUTE_TAG)
 
-        def param_init_fn(target: nn.Module, _original=original) -> None:
-            if isinstance(target, GATED_MODULES):
-                target.reset_parameters()
-            else:
-                _original(target)
 
-        param_init_fn._wesar = True
-        module.param_init_fn = param_init_fn
+def _reset_gated(module: nn.Module) -> bool:
+    if not isinstance(module, GATED_MODULES):
+        return False
+    module.reset_parameters()
+    return True
 
 
 def _add_gate_group(optimizer: Optimizer, gates: list[nn.Parameter], weight_decay: float) -> None:
