@@ -17,6 +17,9 @@ setup(
         'test': ['pytest>=7', 'pytest-timeout'],
     },
     entry_points={
+        'console_scripts': [
+            'wesar-data = wesar_composer.data.build:main',
+        ],
         'llmfoundry_algorithms': [
             'wesar = wesar_composer.algorithms.wesar:WeSaR',
         ],

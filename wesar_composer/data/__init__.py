@@ -1,0 +1,21 @@
+"""Offline data for the demo and the tests: corpus, tokenizer and MDS shards, built locally."""
+
+from wesar_composer.data.build import (
+    DEFAULT_SEQ_LEN,
+    DEFAULT_VOCAB_SIZE,
+    DatasetExistsError,
+    DatasetPaths,
+    build_dataset,
+    default_output_dir,
+)
+from wesar_composer.data.corpus import CorpusSourceError
+
+__all__ = [
+    'DEFAULT_SEQ_LEN',
+    'DEFAULT_VOCAB_SIZE',
+    'CorpusSourceError',
+    'DatasetExistsError',
+    'DatasetPaths',
+    'build_dataset',
+    'default_output_dir',
+]
