@@ -4,10 +4,11 @@ A gated matrix computes with the virtual parameter W_bar = a * W (Section 4.1), 
 actual parameter W ~ N(0, sigma^2) and the trainable gate a starts at s_r / sigma.
 
 Implementation choice: the linear layer scales the *weight* (one elementwise product of
-d_out x d_in per forward) rather than its output (B x T x d_out), because during
-pre-training the number of tokens in a batch far exceeds the width; the embedding scales its
-*output* instead (B x T x d is far smaller than vocab x d). Both keep the matmul itself
-untouched, so the only cost is one weight-sized multiply in forward and backward.
+d_out x d_in) rather than its output (B x T x d_out), because during pre-training the number
+of tokens in a batch far exceeds the width. A custom autograd function keeps a * W out of
+the saved tensors (it is recomputed in backward), so the gated model holds no extra copy of
+its weights between forward and backward; plain autograd would keep one copy per matrix. The
+embedding scales its *output* instead (B x T x d is far smaller than vocab x d).
 """
 
 from __future__ import annotations
@@ -18,6 +19,42 @@ import torch
 import torch.nn.functional as F
 from llmfoundry.models.layers.custom_embedding import SharedEmbedding
 from torch import nn
+
+
+class _GatedLinearFunction(torch.autograd.Function):
+    """y = x (g * W)^T + b, saving x, W and g (not g * W) for backward.
+
+    Backward: dL/dW_bar = dy^T x; dL/dW = g * dL/dW_bar; dL/dg = sum_in(dL/dW_bar * W);
+    dL/dx = dy (g * W), with g * W recomputed. Matmuls run in the dtype of dy, which is the
+    autocast dtype when the forward ran under autocast.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, row_gates, bias):
+        ctx.save_for_backward(x, weight, row_gates)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight * row_gates, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, row_gates = ctx.saved_tensors
+        need_x, need_w, need_g, need_b = ctx.needs_input_grad
+        compute_dtype = grad_out.dtype
+        grad_x = grad_w = grad_g = grad_b = None
+        if need_x:
+            grad_x = grad_out @ (weight * row_gates).to(compute_dtype)
+        if need_w or need_g:
+            flat_out = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_virtual = (flat_out.t() @ x.reshape(-1, x.shape[-1]).to(compute_dtype)).to(weight.dtype)
+            if need_w:
+                grad_w = grad_virtual * row_gates
+            if need_g:
+                grad_g = (grad_virtual * weight).sum(dim=1, keepdim=True)
+                if row_gates.shape[0] == 1:
+                    grad_g = grad_g.sum(dim=0, keepdim=True)
+        if need_b and ctx.has_bias:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_g, grad_b
 
 
 class GatedLinear(nn.Linear):
@@ -75,7 +112,7 @@ class GatedLinear(nn.Linear):
         return self.weight * self.row_gates()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.virtual_weight(), self.bias)
+        return _GatedLinearFunction.apply(x, self.weight, self.row_gates(), self.bias)
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, slices={self.slice_sizes}'
