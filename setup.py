@@ -19,9 +19,16 @@ setup(
     entry_points={
         'console_scripts': [
             'wesar-data = wesar_composer.data.build:main',
+            'wesar-plot = wesar_composer.plotting:main',
         ],
         'llmfoundry_algorithms': [
             'wesar = wesar_composer.algorithms.wesar:WeSaR',
+            'z_loss = wesar_composer.algorithms.z_loss:ZLoss',
+            'paper_init = wesar_composer.algorithms.paper_init:PaperInit',
+        ],
+        'llmfoundry_callbacks': [
+            'update_ratio_monitor = wesar_composer.callbacks:UpdateRatioMonitor',
+            'loss_spike_counter = wesar_composer.callbacks:LossSpikeCounter',
         ],
     },
 )

@@ -1,0 +1,150 @@
+"""Count loss spikes, so that runs can be compared by their number of spikes."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from typing import Any, Optional
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+
+log = logging.getLogger(__name__)
+
+__all__ = ['LossSpikeCounter']
+
+DEFAULT_WINDOW_SIZE = 50  # batches of recent loss that set the reference level
+DEFAULT_OUTLIER_MULTIPLIER = 1.5  # a spike: loss >= 1.5 x the reference (KillLossSpike kills at 2 x)
+DEFAULT_MIN_HISTORY = 10  # losses needed before detection starts
+DEFAULT_LOG_INTERVAL = 1
+LOSS_KEY = 'loss/train/total'
+
+
+class LossSpikeCounter(Callback):
+    """Counts loss spikes with the outlier test of llm-foundry's ``KillLossSpike``; never stops a run unless asked.
+
+    Rule, checked on every batch with the training loss averaged over ranks (so every rank
+    agrees)::
+
+        reference = mean(last window_size non-outlier losses)
+        outlier   = loss is not finite  or  loss >= outlier_multiplier * reference
+
+    A spike is a run of consecutive outlier batches; it is counted once, on its first batch.
+    ``KillLossSpike`` uses the same test (``loss >= 2 x`` the mean of its window) to stop runs
+    whose loss stays high; to *count* spikes this callback differs in three stated ways: the
+    default multiplier is 1.5, the window keeps only non-outlier losses (the reference stays at
+    the level before the spike, so a long excursion counts once), and detection starts after
+    ``min_history`` losses rather than a full window (spikes early in training count too).
+
+    +-------------------------------+---------------------------------------------------+
+    | Key                           | Logged value                                      |
+    +===============================+===================================================+
+    | ``loss_spike/count``          | spikes so far                                     |
+    | ``loss_spike/outlier_batches``| outlier batches so far                            |
+    | ``loss_spike/ratio``          | loss / reference of this batch (once detecting)   |
+    +-------------------------------+---------------------------------------------------+
+
+    Args:
+        window_size: number of recent non-outlier losses whose mean is the reference.
+        outlier_multiplier: a loss at or above this multiple of the reference is an outlier (> 1).
+        min_history: losses seen before detection starts (1 to ``window_size``).
+        log_interval: log every ``log_interval`` batches; detection runs on every batch.
+        stop_after: ``None`` (default) never stops training; an integer n stops it
+            (``state.stop_training()``, a normal end with checkpoints) when the n-th spike starts.
+    """
+
+    def __init__(
+        self,
+        window_size: int = DEFAULT_WINDOW_SIZE,
+        outlier_multiplier: float = DEFAULT_OUTLIER_MULTIPLIER,
+        min_history: int = DEFAULT_MIN_HISTORY,
+        log_interval: int = DEFAULT_LOG_INTERVAL,
+        stop_after: Optional[int] = None,
+    ):
+        for name, value in (('window_size', window_size), ('log_interval', log_interval)):
+            if not _positive_int(value):
+                raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+        if not _positive_int(min_history) or min_history > window_size:
+            raise ValueError(f'min_history must be an integer from 1 to window_size={window_size}, got {min_history!r}.')
+        if isinstance(outlier_multiplier, bool) or not isinstance(outlier_multiplier, (int, float)) \
+                or not math.isfinite(outlier_multiplier) or outlier_multiplier <= 1:
+            raise ValueError(f'outlier_multiplier must be a finite number above 1, got {outlier_multiplier!r}.')
+        if stop_after is not None and not _positive_int(stop_after):
+            raise ValueError(f'stop_after must be None (never stop) or a positive integer, got {stop_after!r}.')
+        self.window_size = window_size
+        self.outlier_multiplier = float(outlier_multiplier)
+        self.min_history = min_history
+        self.log_interval = log_interval
+        self.stop_after = stop_after
+        self.count = 0
+        self.outlier_batches = 0
+        self.in_spike = False
+        self.spike_started = False
+        self.window: deque[float] = deque(maxlen=window_size)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        loss = _train_loss(state)
+        ratio = self.update(loss)
+        if self.spike_started:
+            log.warning(
+                'Loss spike %d at batch %d: loss %.4g is %.3g x the recent mean.',
+                self.count, state.timestamp.batch.value, loss, ratio if ratio is not None else float('nan'),
+            )
+            if self.stop_after is not None and self.count >= self.stop_after:
+                log.warning('Stopping training: %d loss spikes (stop_after=%d).', self.count, self.stop_after)
+                state.stop_training()
+        if state.timestamp.batch.value % self.log_interval != 0:
+            return
+        metrics = {'loss_spike/count': self.count, 'loss_spike/outlier_batches': self.outlier_batches}
+        if ratio is not None:
+            metrics['loss_spike/ratio'] = ratio
+        logger.log_metrics(metrics)
+
+    def update(self, loss: float) -> Optional[float]:
+        """Feed one loss; returns loss / reference once detection has started (else None)."""
+        finite = math.isfinite(loss)
+        ratio = None
+        if len(self.window) >= self.min_history:
+            reference = sum(self.window) / len(self.window)
+            ratio = loss / reference if finite and reference > 0 else float('inf')
+        self.spike_started = False
+        if not finite or (ratio is not None and ratio >= self.outlier_multiplier):
+            self.outlier_batches += 1
+            self.spike_started = not self.in_spike
+            self.count += int(self.spike_started)
+            self.in_spike = True
+        else:
+            self.in_spike = False
+            self.window.append(loss)
+        return ratio
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            'count': self.count,
+            'outlier_batches': self.outlier_batches,
+            'in_spike': self.in_spike,
+            'window': list(self.window),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = state['count']
+        self.outlier_batches = state['outlier_batches']
+        self.in_spike = state['in_spike']
+        self.window = deque(state['window'], maxlen=self.window_size)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _train_loss(state: State) -> float:
+    """The training loss of the batch, averaged over ranks (Composer's ``loss/train/total``)."""
+    total = getattr(state, 'total_loss_dict', None) or {}
+    if LOSS_KEY in total:
+        return float(total[LOSS_KEY])
+    loss = state.loss
+    if isinstance(loss, torch.Tensor):
+        return loss.item()
+    raise ValueError(f'LossSpikeCounter needs a single training loss; got {type(loss).__name__}.')

@@ -1,0 +1,376 @@
+"""Monitor the update ratio ||W_after - W_before|| / ||W_before|| of every weight matrix."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.distributed as torch_dist
+from composer.core import Callback, State
+from composer.loggers import Logger
+from torch import nn
+
+from wesar_composer.roles import find_matrices, merged_role_map, unwrap
+
+log = logging.getLogger(__name__)
+
+__all__ = ['UpdateRatioMonitor']
+
+DEFAULT_LOG_INTERVAL = 10  # batches, as Composer's OptimizerMonitor
+PREFIXES = ('update_ratio', 'param_norm', 'grad_norm', 'gate')
+SUMMARY_MAX = 'update_ratio/max'
+SUMMARY_D_OVER_U = 'update_ratio/last_layer_d_over_u'
+# Module-name segments that wrappers insert (FSDP, activation checkpointing, torch.compile).
+_WRAPPER_SEGMENTS = frozenset({'_fsdp_wrapped_module', '_checkpoint_wrapped_module', '_orig_mod'})
+
+
+@dataclass
+class _Matrix:
+    """One measured weight matrix: where it lives, its global shape and its row slices."""
+
+    name: str  # module name relative to the unwrapped model
+    shape: tuple[int, int]  # global (rows, d_in), read before any sharding
+    keys: tuple[str, ...]  # one key suffix per slice: 'L3/q' or 'e'
+    slice_sizes: tuple[int, ...]
+    layer: Optional[int]
+    roles: tuple[str, ...]
+    module: Optional[nn.Module] = field(default=None, repr=False)
+    gates: list[tuple[tuple[str, ...], torch.Tensor]] = field(default_factory=list, repr=False)  # (keys, gate)
+
+
+class UpdateRatioMonitor(Callback):
+    """Logs the update ratio of every weight matrix, per layer and role, with its norms and gate.
+
+    The update ratio (Nishida et al. 2024, Figures 1, 4, 5, 9-12) is measured, not reconstructed
+    from optimizer state: on a logging batch the monitor copies each weight W before the
+    optimizer step (``Event.AFTER_TRAIN_BATCH``) and compares it with W after the step
+    (``Event.BATCH_END``)::
+
+        update_ratio = ||W_after - W_before|| / ||W_before||
+
+    W is the actual parameter (for WeSaR, the matrix without its gate). Matrices are found by
+    the same role discovery as the WeSaR algorithm (:func:`wesar_composer.roles.find_matrices`),
+    so a gated run and a plain baseline log the same keys. A fused ``Wqkv`` is reported per
+    q/k/v slice.
+
+    +-------------------------------------------+------------------------------------------------+
+    | Key                                       | Logged value                                   |
+    +===========================================+================================================+
+    | ``update_ratio/L{layer}/{role}``          | ||dW|| / ||W_before|| of that matrix (slice)   |
+    | ``update_ratio/e``, ``update_ratio/p``    | the same for the embedding and the head        |
+    +-------------------------------------------+------------------------------------------------+
+    | ``param_norm/...``                        | ||W_before||, the Frobenius norm before the step|
+    +-------------------------------------------+------------------------------------------------+
+    | ``grad_norm/...``                         | ||grad W|| of the gradient the step consumed    |
+    +-------------------------------------------+------------------------------------------------+
+    | ``gate/...``                              | the gate a_r before the step (gated runs only;  |
+    |                                           | a tied head has ``gate/p`` and shares W_e)      |
+    +-------------------------------------------+------------------------------------------------+
+    | ``update_ratio/max``                      | the largest update ratio of this step          |
+    | ``update_ratio/last_layer_d_over_u``      | ratio(W_d) / ratio(W_u) in the last layer:     |
+    |                                           | the gap of the paper's Figure 1                |
+    +-------------------------------------------+------------------------------------------------+
+
+    Roles: ``e q k v o u g d p`` (``g``: the gate projection of a GLU FFN).
+
+    The gradient norm is that of the gradient *after* clipping (and after AMP unscaling): the
+    monitor reads it at ``Event.AFTER_TRAIN_BATCH``, where Composer runs algorithms such as
+    ``GradientClipping`` before callbacks. It is the gradient the optimizer consumed, so
+    ``update_ratio``, ``grad_norm`` and ``param_norm`` describe the same step (for plain SGD,
+    update_ratio = lr * grad_norm / param_norm exactly); a global clip scales every matrix alike,
+    so the relative sizes across matrices are those of the raw gradient.
+
+    Cost: nothing on batches it does not log (no copy, no norm). On a logging batch it holds
+    one extra copy of the weights it measures (the local shard under FSDP), freed at the end
+    of the batch, and reads the weights, gradients and differences once each, with one host
+    sync per log.
+
+    Distributed: under DDP every rank holds the full weights and the averaged gradients, so
+    the values are local. Under FSDP (``use_orig_params: true``, Composer's default) or FSDP2
+    each rank holds a shard: the monitor sums squares over its part of every matrix and slice
+    and all-reduces one vector over the shard group, as Composer's ``OptimizerMonitor`` does.
+
+    Args:
+        log_interval: log every ``log_interval`` batches (batches ``log_interval``,
+            ``2 * log_interval``, ...). Default 10.
+        role_map: extra ``{regex: role}`` entries for module names the default role map misses;
+            give the WeSaR algorithm the same map.
+    """
+
+    def __init__(self, log_interval: int = DEFAULT_LOG_INTERVAL, role_map: Optional[Mapping[str, str]] = None):
+        if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 1:
+            raise ValueError(f'log_interval must be a positive integer (batches), got {log_interval!r}.')
+        merged_role_map(role_map)  # validates the entries now, before training starts
+        self.log_interval = log_interval
+        self.role_map = dict(role_map) if role_map else None
+        self._matrices: Optional[list[_Matrix]] = None
+        self._model: Optional[nn.Module] = None
+        self._shard_info: dict[int, tuple[int, int]] = {}  # FSDP1: id(param) -> (flat start, global numel)
+        self._group: Any = None
+        self._sharded = False
+        self._snapshot: Optional[list[torch.Tensor]] = None
+        self._pre_step: Optional[torch.Tensor] = None
+
+    # --- Composer events -------------------------------------------------------------------
+
+    def init(self, state: State, logger: Logger) -> None:
+        # Event.INIT comes before FSDP shards the model, so the global shapes can be read here.
+        self.discover(state.model)
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self.attach(state.model)
+
+    def after_train_batch(self, state: State, logger: Logger) -> None:
+        if (state.timestamp.batch.value + 1) % self.log_interval != 0:
+            return
+        self.begin_step()
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self._snapshot is None:
+            return
+        logger.log_metrics(self.end_step())
+
+    # --- measurement, usable outside a Trainer ----------------------------------------------
+
+    def discover(self, model: nn.Module) -> None:
+        """Find the weight matrices and their global shapes; call before the model is sharded."""
+        matrices = []
+        for spec in find_matrices(model, self.role_map):
+            shape = tuple(spec.module.weight.shape)
+            if len(shape) != 2:
+                raise ValueError(
+                    f'{spec.name}: weight has shape {shape}, expected a matrix. UpdateRatioMonitor must see the model '
+                    'before it is sharded: add it to the Trainer callbacks (it reads shapes at Event.INIT).',
+                )
+            keys = tuple(role if spec.layer is None else f'L{spec.layer}/{role}' for role in spec.roles)
+            matrices.append(_Matrix(spec.name, shape, keys, spec.slice_sizes, spec.layer, spec.roles))
+        seen: dict[str, str] = {}
+        for matrix in matrices:
+            for key in matrix.keys:
+                if key in seen:
+                    raise ValueError(
+                        f'Modules {seen[key]!r} and {matrix.name!r} both map to update_ratio/{key}; '
+                        'give one of them another role with role_map.',
+                    )
+                seen[key] = matrix.name
+        if not matrices:
+            raise ValueError(
+                f'UpdateRatioMonitor found no weight matrix with a role in {type(unwrap(model)).__name__}; '
+                'pass role_map={regex: role} naming its modules.',
+            )
+        self._matrices = matrices
+
+    def attach(self, model: nn.Module) -> None:
+        """Bind to the model as it trains (wrapped by DDP or FSDP, gated or not)."""
+        if self._matrices is None:
+            self.discover(model)
+        assert self._matrices is not None
+        modules = _modules_by_name(model)
+        for matrix in self._matrices:
+            matrix.module = _lookup(modules, matrix.name)
+            matrix.gates = _gates(matrix)
+        self._model = model
+        self._shard_info, fsdp_groups = _fsdp1_shards(model)
+        self._group = fsdp_groups[0] if fsdp_groups else None
+        self._sharded = bool(self._shard_info)
+        for matrix in self._matrices:
+            for tensor in [matrix.module.weight, *(gate for _, gate in matrix.gates)]:  # FSDP2
+                if _is_dtensor(tensor) and any(p.is_shard() for p in tensor.placements):
+                    self._sharded = True
+                    self._group = _dtensor_shard_group(tensor)
+        self._snapshot = None
+
+    @torch.no_grad()
+    def begin_step(self) -> None:
+        """Before the optimizer step: norms of W and of its gradient, gates, and a copy of W."""
+        if self._model is None:
+            raise RuntimeError('UpdateRatioMonitor.begin_step called before attach(model).')
+        weights = self._local_weights()
+        grads = []
+        for matrix, (flat, start) in zip(self._matrices, weights):
+            grad = matrix.module.weight.grad
+            grads.append((flat.new_zeros(flat.shape) if grad is None else _local_tensor(grad).reshape(-1), start))
+        weight_sq = _slice_sq_norms(weights, self._matrices)
+        grad_sq = _slice_sq_norms(grads, self._matrices)
+        self._pre_step = torch.cat([weight_sq, grad_sq, self._gate_values(weight_sq.device)])
+        copies: dict[int, torch.Tensor] = {}  # one copy per parameter: a tied head shares W_e's
+        self._snapshot = [copies.setdefault(id(m.module.weight), flat.clone()) for m, (flat, _) in zip(self._matrices, weights)]
+
+    @torch.no_grad()
+    def end_step(self) -> dict[str, float]:
+        """After the optimizer step: measure ||W_after - W_before|| and return the metrics."""
+        if self._snapshot is None or self._pre_step is None:
+            raise RuntimeError('UpdateRatioMonitor.end_step called without begin_step before the optimizer step.')
+        weights = self._local_weights()
+        unique = {id(copy): (copy, flat) for copy, (flat, _) in zip(self._snapshot, weights)}
+        torch._foreach_sub_([c for c, _ in unique.values()], [f for _, f in unique.values()])  # copy := W_before - W_after
+        diffs = [(copy, start) for copy, (_, start) in zip(self._snapshot, weights)]
+        values = torch.cat([self._pre_step, _slice_sq_norms(diffs, self._matrices)])
+        self._snapshot = None
+        self._pre_step = None
+        if self._sharded and torch_dist.is_available() and torch_dist.is_initialized():
+            torch_dist.all_reduce(values, group=self._group)  # sums of squares and gate shards add up
+        return self._metrics(values.tolist())
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _local_weights(self) -> list[tuple[torch.Tensor, int]]:
+        return [self._local(m.module.weight, m.shape[0] * m.shape[1]) for m in self._matrices]
+
+    def _local(self, param: torch.Tensor, numel: int) -> tuple[torch.Tensor, int]:
+        """This rank's part of ``param`` as a flat tensor, and where it starts in the flat global tensor."""
+        if _is_dtensor(param):
+            return _dtensor_local(param)
+        if param.numel() != numel and id(param) in self._shard_info:  # FSDP1 sharded flat view
+            return param.detach().reshape(-1), self._shard_info[id(param)][0]
+        return param.detach().reshape(-1), 0
+
+    def _gate_values(self, device: torch.device) -> torch.Tensor:
+        """All gates in one vector; under sharding each rank fills its own elements, zeros elsewhere."""
+        parts = [torch.zeros(0, device=device)]
+        for matrix in self._matrices:
+            for _, gate in matrix.gates:
+                numel = _global_numel(gate, self._shard_info)
+                flat, start = self._local(gate, numel)
+                full = torch.zeros(numel, device=device, dtype=torch.float32)
+                full[start:start + flat.numel()] = flat.float()
+                parts.append(full)
+        return torch.cat(parts)
+
+    def _metrics(self, values: list[float]) -> dict[str, float]:
+        keys = [key for m in self._matrices for key in m.keys]
+        gate_keys = [key for m in self._matrices for gate_keys, _ in m.gates for key in gate_keys]
+        n = len(keys)
+        weight_sq, grad_sq, diff_sq = values[:n], values[n:2 * n], values[-n:]
+        gate_values = values[2 * n:-n]
+        assert len(gate_values) == len(gate_keys), (len(gate_values), len(gate_keys))
+        metrics: dict[str, float] = {}
+        for key, w_sq, g_sq, d_sq in zip(keys, weight_sq, grad_sq, diff_sq):
+            param_norm, update_norm = math.sqrt(w_sq), math.sqrt(d_sq)
+            metrics[f'update_ratio/{key}'] = update_norm / param_norm if param_norm > 0 else float('inf')
+            metrics[f'param_norm/{key}'] = param_norm
+            metrics[f'grad_norm/{key}'] = math.sqrt(g_sq)
+        metrics.update({f'gate/{key}': value for key, value in zip(gate_keys, gate_values)})
+        metrics[SUMMARY_MAX] = max(metrics[f'update_ratio/{key}'] for key in keys)
+        last = max((m.layer for m in self._matrices if m.layer is not None), default=None)
+        d_ratio = metrics.get(f'update_ratio/L{last}/d')
+        u_ratio = metrics.get(f'update_ratio/L{last}/u')
+        if d_ratio is not None and u_ratio:
+            metrics[SUMMARY_D_OVER_U] = d_ratio / u_ratio
+        return metrics
+
+
+def _slice_sq_norms(flats: list[tuple[torch.Tensor, int]], matrices: list[_Matrix]) -> torch.Tensor:
+    """Squared norm of every row slice of every matrix, from this rank's flat part of it."""
+    pieces = []
+    for (flat, start), matrix in zip(flats, matrices):
+        d_in, row = matrix.shape[1], 0
+        for rows in matrix.slice_sizes:
+            lo, hi = row * d_in - start, (row + rows) * d_in - start
+            n = flat.numel()
+            pieces.append(flat[min(max(lo, 0), n):min(max(hi, 0), n)])
+            row += rows
+    norms = torch._foreach_norm(pieces, 2, dtype=torch.float32)
+    return torch.stack(norms).square()
+
+
+def _gates(matrix: _Matrix) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+    """(keys, gate) of a gated module: one gate element per slice, plus a tied head's own gate."""
+    module = matrix.module
+    gates = []
+    gate = getattr(module, 'gate', None)
+    if isinstance(gate, torch.Tensor):
+        if math.prod(gate.shape) != len(matrix.keys):
+            raise ValueError(f'{matrix.name}: gate of shape {tuple(gate.shape)} does not match its slices {matrix.keys}.')
+        gates.append((matrix.keys, gate))
+    unembed_gate = getattr(module, 'unembed_gate', None)
+    if isinstance(unembed_gate, torch.Tensor):
+        gates.append((('p',), unembed_gate))
+    return gates
+
+
+def _global_numel(tensor: torch.Tensor, shard_info: dict[int, tuple[int, int]]) -> int:
+    """Elements of the whole tensor: a DTensor knows its global shape, FSDP1 views are looked up."""
+    if id(tensor) in shard_info:
+        return shard_info[id(tensor)][1]
+    return math.prod(tensor.shape)
+
+
+def _modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules keyed by their name with wrapper segments (FSDP, checkpointing, compile) removed."""
+    named = {}
+    for name, module in model.named_modules():
+        clean = '.'.join(part for part in name.split('.') if part not in _WRAPPER_SEGMENTS)
+        named.setdefault(clean, module)
+    return named
+
+
+def _lookup(modules: dict[str, nn.Module], name: str) -> nn.Module:
+    """The module called ``name`` relative to the unwrapped model, under any wrapper prefix."""
+    if name in modules:
+        return modules[name]
+    matches = [key for key in modules if key.endswith('.' + name)]
+    if len(matches) != 1:
+        raise ValueError(
+            f'UpdateRatioMonitor: module {name!r}, found when the model was built, is '
+            f'{"missing" if not matches else "ambiguous"} in the trained model (matches: {matches}).',
+        )
+    return modules[matches[0]]
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
+def _dtensor_local(param) -> tuple[torch.Tensor, int]:
+    """FSDP2: the local rows of a DTensor sharded on dim 0, and their flat global offset."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for placement in param.placements:
+        if placement.is_shard() and placement.dim != 0:
+            raise ValueError(f'UpdateRatioMonitor supports parameters sharded on dim 0, got placements {param.placements}.')
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    row_numel = math.prod(param.shape[1:])
+    return param.to_local().detach().reshape(-1), (offset[0] if offset else 0) * row_numel
+
+
+def _dtensor_shard_group(param):
+    mesh = param.device_mesh
+    shard_dims = [i for i, p in enumerate(param.placements) if p.is_shard()]
+    return mesh.get_group(shard_dims[0]) if mesh.ndim > 1 else mesh.get_group()
+
+
+def _fsdp1_shards(model: nn.Module) -> tuple[dict[int, tuple[int, int]], list]:
+    """FSDP1 with ``use_orig_params``: id(original param) -> (flat start in the global param, global numel)."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # pragma: no cover
+        return {}, []
+    table: dict[int, tuple[int, int]] = {}
+    groups = []
+    for module in model.modules():
+        handle = getattr(module, '_handle', None) if isinstance(module, FSDP) else None
+        if handle is None or not handle.uses_sharded_strategy:
+            continue
+        flat_param = handle.flat_param
+        if flat_param._params is None:
+            raise ValueError(
+                'UpdateRatioMonitor needs FSDP with use_orig_params=True (Composer\'s default) to find each matrix '
+                'in the flat shards; got use_orig_params=False.',
+            )
+        groups.append(module.process_group)
+        for param, info, shape in zip(flat_param._params, flat_param._shard_param_infos, flat_param._shapes):
+            start = info.intra_param_start_idx if info.in_shard else 0
+            table[id(param)] = (start, math.prod(shape))
+    return table, groups
