@@ -67,6 +67,7 @@ MIN_ENGLISH_SHARE = 0.25  # share of words that are English function words; Engl
 NEAR_DUPLICATE_CONTAINMENT = 0.3  # editions of one play share > 0.4, different works < 0.15
 SHINGLE_WORDS = 4
 DEFAULT_VAL_FRACTION = 0.05
+MIN_CAPPED_DOC_CHARS = 2000  # under a cap, no document shorter than this is started
 
 ENGLISH_FUNCTION_WORDS = frozenset(
     'the and of to a in that is it not i you he his with my be for this but as your me have '
@@ -284,11 +285,13 @@ def cap_documents(docs: list[Document], max_chars: Optional[int]) -> list[Docume
     out, used = [], 0
     for doc in sorted(docs, key=_split_order):
         room = max_chars - used
-        if room <= 0:
+        if out and room < MIN_CAPPED_DOC_CHARS:
             break
         text = doc.text
         if len(text) > room:
             cut = text.rfind('\n\n', 0, room)
+            if cut < room // 2:
+                cut = text.rfind('\n', 0, room)
             text = text[:cut if cut > 0 else room].rstrip() + '\n'
         out.append(Document(doc.name, text))
         used += len(text)
