@@ -1,0 +1,192 @@
+"""The paper's baseline initializations (Table 1) with embedding scaling, as a Composer algorithm.
+
+Small init (Nguyen and Salazar 2019):  W ~ N(0, 2 / (5d)) for every matrix.
+He init (He et al. 2015):              W ~ N(0, gain^2 / d_in), gain sqrt(2) for W_d, else 1.
+Both:                                  W_o and W_d (residual writers) divided by sqrt(2N);
+                                       embedding output multiplied by 1 / std(W_e).
+
+These are the stds WeSaR's virtual parameters a_r * W start from (same role discovery, same
+``backbone_std``), carried here by the weights themselves with no gates: the paper's
+"Small Init." baseline and its "He Init." ablation (Tables 5 and 7). llm-foundry's own
+``small_init_`` has no embedding scaling and its kaiming init gives W_d no gain of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from composer.core import Algorithm, Event, State
+from composer.loggers import Logger
+from composer.utils import module_surgery
+from torch import nn
+from torch.optim import Optimizer
+
+from wesar_composer.algorithms.paper_init.scaled_embedding import ScaledEmbedding
+from wesar_composer.algorithms.wesar.gated_modules import GatedEmbedding, GatedLinear
+from wesar_composer.param_init import is_meta, route_param_init_fn
+from wesar_composer.roles import BACKBONES, MatrixSpec, backbone_std, embedding_std, find_matrices, model_shape, unwrap
+
+log = logging.getLogger(__name__)
+
+__all__ = ['PaperInit', 'apply_paper_init', 'paper_init_stds']
+
+DEFAULT_BACKBONE = 'small'  # the paper's baseline ("Small Init."); 'he' is the Table 7 ablation
+INIT_ATTR = '_paper_init'  # (slice sizes, stds) on each matrix; read again when a meta model is materialized
+ROUTE_TAG = 'paper_init'
+
+
+def check_backbone(backbone: str) -> None:
+    if backbone not in BACKBONES:
+        raise ValueError(f'backbone must be one of {BACKBONES}, got {backbone!r}.')
+
+
+def paper_init_stds(
+    model: nn.Module,
+    backbone: str = DEFAULT_BACKBONE,
+    role_map: Optional[Mapping[str, str]] = None,
+) -> list[tuple[MatrixSpec, tuple[float, ...]]]:
+    """Every weight matrix of ``model`` with its Table 1 std, one per output slice (q, k, v of a fused Wqkv)."""
+    check_backbone(backbone)
+    shape = model_shape(model)
+    return [
+        (spec, tuple(backbone_std(role, spec.d_in, shape, backbone) for role in spec.roles))
+        for spec in find_matrices(model, role_map)
+    ]
+
+
+def apply_paper_init(
+    model: nn.Module,
+    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]] = None,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    embedding_scaling: bool = True,
+    role_map: Optional[Mapping[str, str]] = None,
+) -> nn.Module:
+    """Initialize every weight matrix of ``model`` with its Table 1 std and add embedding scaling.
+
+    Each matrix of role r gets W ~ N(0, s_r^2) (``backbone_std``; biases zero). With
+    ``embedding_scaling`` the token embedding becomes a :class:`ScaledEmbedding` that multiplies
+    its output by 1 / s_e (Small: sqrt(5d/2), He: sqrt(d)), sharing the same weight Parameter,
+    so ``optimizers`` and weight tying are unaffected (nothing is added to them). A model still
+    on the meta device is initialized the same way when Composer materializes it (every
+    ``param_init_fn`` is routed). Errors are raised before the model changes.
+    """
+    check_backbone(backbone)
+    inner = unwrap(model)
+    gated = [n for n, m in inner.named_modules() if isinstance(m, (GatedLinear, GatedEmbedding))]
+    if gated:
+        raise ValueError(
+            f'paper_init is an alternative to WeSaR, not an addition: this model is gated ({gated[0]!r}).',
+        )
+    if any(isinstance(m, ScaledEmbedding) or hasattr(m, INIT_ATTR) for m in inner.modules()):
+        raise ValueError('paper_init is already applied to this model.')
+    shape = model_shape(model)
+    stds = paper_init_stds(model, backbone, role_map)
+    if not stds:
+        raise ValueError(
+            f'No weight matrix of {type(inner).__name__} matched a role; nothing to initialize. '
+            'Pass role_map={regex: role} naming its modules.',
+        )
+
+    for spec, role_stds in stds:
+        setattr(spec.module, INIT_ATTR, (spec.slice_sizes, role_stds))
+    matrices = [spec.module for spec, _ in stds]
+    if embedding_scaling:
+        scale = 1.0 / embedding_std(shape, backbone)
+        replacements = {spec.module: _scaled_embedding(spec.module, scale) for spec, _ in stds if spec.is_embedding}
+        if not replacements:
+            log.warning('paper_init: no token embedding found; no embedding scaling applied.')
+        module_surgery.replace_module_classes(inner, policies={nn.Embedding: lambda m, _: replacements.get(m)})
+        matrices = [replacements.get(m, m) for m in matrices]
+    for module in matrices:
+        if not is_meta(module):  # a meta model is initialized when Composer materializes it
+            init_matrix(module)
+    route_param_init_fn(model, _init_if_marked, ROUTE_TAG)
+    log.info('paper_init: %s init of %d matrices (embedding scaling %s).', backbone, len(stds), embedding_scaling)
+    return model
+
+
+def _scaled_embedding(old: nn.Embedding, scale: float) -> ScaledEmbedding:
+    new = ScaledEmbedding(
+        old.num_embeddings,
+        old.embedding_dim,
+        padding_idx=old.padding_idx,
+        max_norm=old.max_norm,
+        norm_type=old.norm_type,
+        scale_grad_by_freq=old.scale_grad_by_freq,
+        sparse=old.sparse,
+        device='meta',
+        output_scale=scale,
+    )
+    new.weight = old.weight  # the same Parameter: optimizer state and weight tying stay intact
+    for attr in (INIT_ATTR, '_fsdp_wrap'):
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    return new
+
+
+@torch.no_grad()
+def init_matrix(module: nn.Module) -> None:
+    """W ~ N(0, s_r^2) slice by slice (s_r from ``apply_paper_init``); bias and padding row zero."""
+    slice_sizes, stds = getattr(module, INIT_ATTR)
+    for rows, std in zip(module.weight.split(list(slice_sizes)), stds):
+        rows.normal_(0.0, std)
+    if getattr(module, 'bias', None) is not None:
+        module.bias.zero_()
+    if getattr(module, 'padding_idx', None) is not None:
+        module.weight[module.padding_idx].zero_()
+
+
+def _init_if_marked(module: nn.Module) -> bool:
+    if not hasattr(module, INIT_ATTR):
+        return False
+    init_matrix(module)
+    return True
+
+
+class PaperInit(Algorithm):
+    """Composer algorithm for the paper's baselines: runs :func:`apply_paper_init` at ``Event.INIT``.
+
+    YAML: ``algorithms: {paper_init: {backbone: small}}`` (the "Small Init." baseline) or
+    ``{backbone: he}`` (the He-init ablation of Table 7).
+
+    Args:
+        backbone: ``'small'`` (s_r = sqrt(2/(5d))) or ``'he'`` (s_r = gain/sqrt(d_in)); o and d / sqrt(2N).
+        embedding_scaling: multiply the embedding output by 1 / std(W_e) (default on, as in the paper).
+        role_map: extra ``{regex: role}`` entries for architectures the default map misses.
+    """
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        embedding_scaling: bool = True,
+        role_map: Optional[Mapping[str, str]] = None,
+    ):
+        check_backbone(backbone)
+        self.backbone = backbone
+        self.embedding_scaling = embedding_scaling
+        self.role_map = dict(role_map) if role_map else None
+
+    def __repr__(self) -> str:
+        return (
+            f'{self.__class__.__name__}(backbone={self.backbone!r}, '
+            f'embedding_scaling={self.embedding_scaling}, role_map={self.role_map})'
+        )
+
+    @staticmethod
+    def required_on_load() -> bool:
+        return True
+
+    def match(self, event: Event, state: State) -> bool:
+        return event == Event.INIT
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        apply_paper_init(
+            state.model,
+            optimizers=state.optimizers,
+            backbone=self.backbone,
+            embedding_scaling=self.embedding_scaling,
+            role_map=self.role_map,
+        )
