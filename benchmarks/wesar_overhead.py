@@ -1,0 +1,170 @@
+"""Step time and peak memory of a WeSaR-gated model against the same ungated model.
+
+Time: the models train side by side in one process, steps interleaved (plain, gated, plain,
+gated, ...), and the ratio of median step times is reported, so machine noise hits both.
+Peak memory: one more step per model after the timing; on CUDA the allocator's peak, on CPU
+parameters, gradients and optimizer state plus the step's allocation peak (torch profiler).
+
+Variants:
+  plain          the ungated model (llm-foundry's init)
+  wesar          the product: GatedLinear with the custom autograd function
+  wesar-autograd a * W by plain autograd (keeps a * W alive until backward)
+  output-scaling a * (x W^T): scales the activation instead of the weight
+
+Run: .venv/bin/python benchmarks/wesar_overhead.py [--shape 130m|1.3b] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from wesar_composer import apply_wesar
+from wesar_composer.algorithms.wesar.gated_modules import GatedLinear
+
+SHAPES = {
+    '130m': dict(d_model=768, n_heads=12, n_layers=12),
+    '1.3b': dict(d_model=2048, n_heads=16, n_layers=24),
+}
+VARIANTS = ('plain', 'wesar', 'wesar-autograd', 'output-scaling')
+
+
+def build(variant: str, shape: str, seq_len: int, device: str):
+    from llmfoundry.models.mpt import ComposerMPTCausalLM
+
+    attn = {'attn_impl': 'flash' if device == 'cuda' else 'torch', 'rope': True, 'rope_impl': 'hf'}
+    model = ComposerMPTCausalLM(
+        **SHAPES[shape],
+        expansion_ratio=4,
+        max_seq_len=seq_len,
+        vocab_size=32000,
+        no_bias=True,
+        norm_type='rmsnorm',
+        attn_config=attn,
+        ffn_config={'ffn_type': 'mptmlp', 'ffn_act_fn': {'name': 'gelu'}},
+        tie_word_embeddings=False,
+        loss_fn='torch_crossentropy',
+        init_device='cpu',
+    ).to(device)
+    if variant != 'plain':
+        apply_wesar(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+
+
+def set_gated_forward(variant: str) -> None:
+    """Swap GatedLinear.forward for one of the compared implementations."""
+    forwards = {
+        'wesar': GatedLinear.forward,
+        'wesar-autograd': lambda self, x: F.linear(x, self.weight * self.row_gates(), self.bias),
+        'output-scaling': lambda self, x: _output_scaled(self, x),
+    }
+    GatedLinear.forward = forwards[variant]
+
+
+def _output_scaled(module: GatedLinear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, module.weight, module.bias) * module.row_gates().view(-1)
+
+
+def step(model, optimizer, batch, device: str) -> float:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
+        loss = model.loss(model(batch), batch)
+    loss.backward()
+    optimizer.step()
+    if device == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def make_batch(batch_size: int, seq_len: int, device: str):
+    tokens = torch.randint(0, 32000, (batch_size, seq_len), device=device)
+    return {'input_ids': tokens, 'labels': tokens.clone(), 'attention_mask': torch.ones_like(tokens)}
+
+
+def time_side_by_side(args) -> dict[str, float]:
+    variants = ['plain', *args.variants]
+    models = {}
+    for v in variants:
+        torch.manual_seed(0)
+        models[v] = build(v, args.shape, args.seq_len, args.device)
+    batch = make_batch(args.batch_size, args.seq_len, args.device)
+    times = {v: [] for v in variants}
+    for i in range(args.warmup + args.steps):
+        order = variants[i % len(variants):] + variants[:i % len(variants)]  # rotate: no variant always first
+        for v in order:
+            if v != 'plain':
+                set_gated_forward(v)
+            elapsed = step(*models[v], batch, args.device)
+            if i >= args.warmup:
+                times[v].append(elapsed)
+    memory = {}
+    if not args.skip_memory:
+        for v in variants:
+            if v != 'plain':
+                set_gated_forward(v)
+            memory[v] = peak_memory(*models[v], batch, args.device)
+    return {v: statistics.median(t) for v, t in times.items()}, memory
+
+
+def peak_memory(model, optimizer, batch, device: str) -> float:
+    """Peak memory (MiB) of one training step: persistent tensors plus the step's allocation peak.
+
+    On CUDA the allocator's own peak. On CPU, parameters, gradients and optimizer state plus
+    the highest running sum of the allocations the profiler records during the step.
+    """
+    if device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        step(model, optimizer, batch, device)
+        return torch.cuda.max_memory_allocated() / 2**20
+    step(model, optimizer, batch, device)  # gradients and optimizer state exist from here on
+    persistent = sum(t.numel() * t.element_size() for t in _persistent_tensors(model, optimizer))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(model, optimizer, batch, device)
+    running = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        running += event.self_cpu_memory_usage  # allocations positive, frees ('[memory]') negative
+        peak = max(peak, running)
+    return (persistent + peak) / 2**20
+
+
+def _persistent_tensors(model, optimizer):
+    for p in model.parameters():
+        yield p
+        if p.grad is not None:
+            yield p.grad
+    for state in optimizer.state.values():
+        yield from (v for v in state.values() if torch.is_tensor(v))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--shape', choices=sorted(SHAPES), default='130m')
+    parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
+    parser.add_argument('--batch-size', type=int, default=2)
+    parser.add_argument('--seq-len', type=int, default=512)
+    parser.add_argument('--steps', type=int, default=10)
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--variants', nargs='+', choices=VARIANTS[1:], default=list(VARIANTS[1:]))
+    parser.add_argument('--skip-memory', action='store_true')
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+
+    medians, memory = time_side_by_side(args)
+    tokens = args.batch_size * args.seq_len
+    print(f'shape {args.shape}, device {args.device}, {tokens} tokens per step, median of {args.steps} interleaved steps')
+    print(f'{"variant":<16}{"step s":>10}{"time vs plain":>16}{"peak MiB":>12}{"memory vs plain":>18}')
+    for v, t in medians.items():
+        time_ratio = f'{100 * (t / medians["plain"] - 1):+.2f}%'
+        mem = f'{memory[v]:12.0f}{100 * (memory[v] / memory["plain"] - 1):+17.2f}%' if memory else ''
+        print(f'{v:<16}{t:10.3f}{time_ratio:>16}{mem}')
+
+
+if __name__ == '__main__':
+    main()
