@@ -168,12 +168,12 @@ class UpdateRatioMonitor(Callback):
         if self._matrices is None:
             self.discover(model)
         assert self._matrices is not None
+        self._shard_info, fsdp_groups = _fsdp1_shards(model)
         modules = _modules_by_name(model)
         for matrix in self._matrices:
             matrix.module = _lookup(modules, matrix.name)
-            matrix.gates = _gates(matrix)
+            matrix.gates = _gates(matrix, self._shard_info)
         self._model = model
-        self._shard_info, fsdp_groups = _fsdp1_shards(model)
         self._group = fsdp_groups[0] if fsdp_groups else None
         self._sharded = bool(self._shard_info)
         for matrix in self._matrices:
@@ -277,14 +277,14 @@ def _slice_sq_norms(flats: list[tuple[torch.Tensor, int]], matrices: list[_Matri
     return torch.stack(norms).square()
 
 
-def _gates(matrix: _Matrix) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+def _gates(matrix: _Matrix, shard_info: dict[int, tuple[int, int]]) -> list[tuple[tuple[str, ...], torch.Tensor]]:
     """(keys, gate) of a gated module: one gate element per slice, plus a tied head's own gate."""
     module = matrix.module
     gates = []
     gate = getattr(module, 'gate', None)
     if isinstance(gate, torch.Tensor):
-        if math.prod(gate.shape) != len(matrix.keys):
-            raise ValueError(f'{matrix.name}: gate of shape {tuple(gate.shape)} does not match its slices {matrix.keys}.')
+        if _global_numel(gate, shard_info) != len(matrix.keys):
+            raise ValueError(f'{matrix.name}: a gate of {_global_numel(gate, shard_info)} elements does not match its slices {matrix.keys}.')
         gates.append((matrix.keys, gate))
     unembed_gate = getattr(module, 'unembed_gate', None)
     if isinstance(unembed_gate, torch.Tensor):
