@@ -56,6 +56,24 @@ def test_role_map_with_unknown_role():
         apply_wesar(model, role_map={'up_proj': 'z'})
 
 
+@pytest.mark.parametrize('bad', [-0.1, math.inf, 'none'])
+def test_bad_gate_weight_decay(bad):
+    model = mpt(n_layers=2)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match='gate_weight_decay must be a finite number >= 0, got'):
+        apply_wesar(model, gate_weight_decay=bad)
+    with pytest.raises(ValueError, match='gate_weight_decay'):
+        WeSaR(gate_weight_decay=bad)
+    assert_unchanged(model, before)
+
+
+def test_bad_role_map_is_rejected_when_the_algorithm_is_built():
+    with pytest.raises(ValueError, match="role 'w' for pattern 'fc' is not one of"):
+        WeSaR(role_map={'fc': 'w'})
+    with pytest.raises(ValueError, match=r"pattern '\(' is not a valid regex"):
+        WeSaR(role_map={'(': 'u'})
+
+
 def test_model_with_no_matrix_to_gate():
     class Conv(nn.Module):
         def __init__(self):

@@ -24,6 +24,7 @@ from wesar_composer.roles import (
     backbone_std,
     embedding_std,
     find_matrices,
+    merged_role_map,
     model_shape,
     unwrap,
 )
@@ -37,7 +38,12 @@ GATED_MODULES = (GatedLinear, GatedEmbedding)
 ROUTE_TAG = 'wesar'
 
 
-def check_hparams(sigma_squared: float, backbone: str) -> float:
+def check_hparams(
+    sigma_squared: float,
+    backbone: str,
+    gate_weight_decay: float = 0.0,
+    role_map: Optional[Mapping[str, str]] = None,
+) -> float:
     """Validate the hyperparameters and return sigma."""
     if isinstance(sigma_squared, bool) or not isinstance(sigma_squared, (int, float)):
         raise ValueError(f'sigma_squared must be a positive finite number, got {sigma_squared!r}.')
@@ -45,6 +51,11 @@ def check_hparams(sigma_squared: float, backbone: str) -> float:
         raise ValueError(f'sigma_squared must be a positive finite number, got {sigma_squared!r}.')
     if backbone not in BACKBONES:
         raise ValueError(f'backbone must be one of {BACKBONES}, got {backbone!r}.')
+    if isinstance(gate_weight_decay, bool) or not isinstance(gate_weight_decay, (int, float)) or not (
+        math.isfinite(gate_weight_decay) and gate_weight_decay >= 0
+    ):
+        raise ValueError(f'gate_weight_decay must be a finite number >= 0, got {gate_weight_decay!r}.')
+    merged_role_map(role_map)  # raises on an unknown role or a bad regex
     return math.sqrt(sigma_squared)
 
 
@@ -70,7 +81,7 @@ def apply_wesar(
     Everything is validated before the model changes: a bad value raises ``ValueError`` and
     leaves the model as it was.
     """
-    sigma = check_hparams(sigma_squared, backbone)
+    sigma = check_hparams(sigma_squared, backbone, gate_weight_decay, role_map)
     optimizers = ensure_tuple(optimizers) if optimizers is not None else ()
     if len(optimizers) > 1:
         raise ValueError(f'apply_wesar supports one optimizer, got {len(optimizers)}.')
@@ -209,7 +220,7 @@ class WeSaR(Algorithm):
         embedding_scaling: bool = True,
         role_map: Optional[Mapping[str, str]] = None,
     ):
-        check_hparams(sigma_squared, backbone)
+        check_hparams(sigma_squared, backbone, gate_weight_decay, role_map)
         self.sigma_squared = sigma_squared
         self.backbone = backbone
         self.trainable_gates = trainable_gates
