@@ -86,9 +86,6 @@ def merge_gates(model: nn.Module) -> nn.Module:
         _fold_into_logit_scale(inner, config, tied_logit_factor)
     elif config is not None and getattr(config, 'tie_word_embeddings', False):
         config.tie_word_embeddings = False  # e and p had different gates: their merged weights differ
-    for module in [model, *inner.modules()]:
-        if getattr(module.__dict__.get('param_init_fn'), '_wesar', False):
-            del module.param_init_fn
     return model
 
 

@@ -31,7 +31,7 @@ from wesar_composer.roles import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ['WeSaR', 'apply_wesar', 'gate_table', 'merge_gates', 'GATED_MODULES']
+__all__ = ['WeSaR', 'apply_wesar', 'GATED_MODULES']
 
 DEFAULT_SIGMA_SQUARED = 4e-5  # Section 4.3: sigma^2 = 4e-5, the Small-init std of a d = 10,000 model
 GATED_MODULES = (GatedLinear, GatedEmbedding)
