@@ -148,3 +148,29 @@ def test_applied_twice_or_on_wesar_is_refused():
         apply_paper_init(model)
     with pytest.raises(ValueError, match='alternative to WeSaR'):
         apply_paper_init(apply_wesar(mpt(d_model=64, n_heads=2, n_layers=2, vocab_size=256)))
+
+
+@pytest.mark.parametrize('tied', [False, True])
+def test_hf_checkpointer_exports_the_scaling_folded_in(tiny_train_yaml, tmp_path, monkeypatch, tied):
+    """llm-foundry's hf_checkpointer on a paper_init run writes a plain MPT with the same logits."""
+    from llmfoundry.command_utils import train_from_yaml
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_train_yaml(
+        algorithms={'paper_init': {'backbone': 'small'}},
+        callbacks={'hf_checkpointer': {'save_folder': str(tmp_path / 'hf'), 'save_interval': '2ba', 'precision': 'float32'}},
+        max_duration='2ba',
+        model={'tie_word_embeddings': tied},
+    )
+    trainer = train_from_yaml(str(path))
+    assert isinstance(trainer.state.model.model.transformer.wte, ScaledEmbedding)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / 'hf' / 'huggingface' / 'ba2', trust_remote_code=True)
+    assert type(plain.transformer.wte).__name__ == 'SharedEmbedding'
+    tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = trainer.state.model.eval().model(tokens).logits
+        theirs = plain.eval()(tokens).logits
+    assert ours.abs().max().item() > 0.1
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    trainer.close()

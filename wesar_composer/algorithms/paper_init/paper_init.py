@@ -20,9 +20,11 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from composer.utils import module_surgery
+from llmfoundry.callbacks import HuggingFaceCheckpointer
 from torch import nn
 from torch.optim import Optimizer
 
+from wesar_composer.algorithms.paper_init.hf_export import fold_embedding_scale_on_hf_export
 from wesar_composer.algorithms.paper_init.scaled_embedding import ScaledEmbedding
 from wesar_composer.algorithms.wesar.gated_modules import GatedEmbedding, GatedLinear
 from wesar_composer.param_init import is_meta, route_param_init_fn
@@ -150,7 +152,9 @@ class PaperInit(Algorithm):
     """Composer algorithm for the paper's baselines: runs :func:`apply_paper_init` at ``Event.INIT``.
 
     YAML: ``algorithms: {paper_init: {backbone: small}}`` (the "Small Init." baseline) or
-    ``{backbone: he}`` (the He-init ablation of Table 7).
+    ``{backbone: he}`` (the He-init ablation of Table 7). An llm-foundry ``hf_checkpointer`` in
+    the same run exports the model with the embedding scaling folded into W_e, which loads
+    with plain ``transformers``.
 
     Args:
         backbone: ``'small'`` (s_r = sqrt(2/(5d))) or ``'he'`` (s_r = gain/sqrt(d_in)); o and d / sqrt(2N).
@@ -190,3 +194,7 @@ class PaperInit(Algorithm):
             embedding_scaling=self.embedding_scaling,
             role_map=self.role_map,
         )
+        if self.embedding_scaling:
+            for callback in state.callbacks:
+                if isinstance(callback, HuggingFaceCheckpointer):
+                    fold_embedding_scale_on_hf_export(callback, state.model)
