@@ -19,6 +19,7 @@ setup(
     entry_points={
         'console_scripts': [
             'wesar-data = wesar_composer.data.build:main',
+            'wesar-demo = wesar_composer.demo:main',
             'wesar-plot = wesar_composer.plotting:main',
         ],
         'llmfoundry_algorithms': [
