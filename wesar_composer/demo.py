@@ -291,8 +291,11 @@ def run_demo(
     data_dir: Optional[str] = None,
     max_chars: Optional[int] = None,
     methods: Sequence[str] = METHODS,
-) -> Path:
-    """Build the data, train each method, write the report and pictures; returns the report path."""
+) -> tuple[Path, list[RunResult]]:
+    """Build the data, train each method, write the report and pictures.
+
+    Returns the report's path and one :class:`RunResult` per method.
+    """
     from wesar_composer.data import build_dataset, default_output_dir
 
     total_start = time.perf_counter()
@@ -355,7 +358,7 @@ def run_demo(
     _say(f'done in {(time.perf_counter() - total_start) / 60:.1f} min: {report}')
     for picture in pictures:
         _say(f'picture: {picture}')
-    return report
+    return report, results
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -377,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         yaml_path = find_demo_yaml(args.yaml)
-        report = run_demo(Path(args.out), yaml_path, args.set, args.data_dir, args.max_chars, args.methods)
+        report, _ = run_demo(Path(args.out), yaml_path, args.set, args.data_dir, args.max_chars, args.methods)
     except Exception as e:  # noqa: BLE001 - one readable line, then the traceback for details
         from wesar_composer.data import CorpusSourceError, DatasetExistsError
 
