@@ -174,3 +174,8 @@ def test_hf_checkpointer_exports_the_scaling_folded_in(tiny_train_yaml, tmp_path
     assert ours.abs().max().item() > 0.1
     assert (ours - theirs).abs().max().item() <= 1e-5
     trainer.close()
+
+
+def test_backbone_passed_where_the_optimizers_go_is_refused():
+    with pytest.raises(ValueError, match="pass the backbone by keyword"):
+        apply_paper_init(mpt(d_model=64, n_heads=2, n_layers=2, vocab_size=256), 'he')

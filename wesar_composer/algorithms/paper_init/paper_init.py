@@ -19,7 +19,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
-from composer.utils import module_surgery
+from composer.utils import ensure_tuple, module_surgery
 from llmfoundry.callbacks import HuggingFaceCheckpointer
 from torch import nn
 from torch.optim import Optimizer
@@ -76,6 +76,11 @@ def apply_paper_init(
     ``param_init_fn`` is routed). Errors are raised before the model changes.
     """
     check_backbone(backbone)
+    if optimizers is not None and not all(isinstance(o, Optimizer) for o in ensure_tuple(optimizers)):
+        raise ValueError(
+            f'optimizers must be torch optimizers (or None), got {optimizers!r}; '
+            'pass the backbone by keyword: apply_paper_init(model, backbone=...).',
+        )
     inner = unwrap(model)
     gated = [n for n, m in inner.named_modules() if isinstance(m, (GatedLinear, GatedEmbedding))]
     if gated:

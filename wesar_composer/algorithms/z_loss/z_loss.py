@@ -111,6 +111,9 @@ class ZLoss(Algorithm):
     - ``loss/train/loss``: the model's own loss (cross-entropy);
     - ``loss/train/z_loss``: the z-loss term, weight included.
 
+    log Z is computed in float32 from the (possibly bf16) logits; the backward keeps that
+    float32 copy of the logits, batch x sequence x vocab, for the microbatch.
+
     Args:
         weight: the coefficient of the z-loss (default 1e-4, the paper's).
     """
