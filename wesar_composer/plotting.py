@@ -3,10 +3,11 @@
 Reads the keys that :class:`~wesar_composer.callbacks.UpdateRatioMonitor` logs and writes PNGs:
 
 - ``update_ratio_L{layer}.png``: training loss over steps on top; the update ratios of W_d and
-  W_u of one layer below (Figure 1 of Nishida et al. 2024).
+  W_u of one layer below (Figure 1 of Nishida et al. 2024). The x axis counts batches from 1:
+  the update ratio logged at step n is that of batch n, whose loss Composer logs at step n - 1.
 - ``param_norm_L{layer}.png``: ||W_d|| and ||W_u|| of that layer over steps (Figure 3).
 - ``update_ratio_heatmap.png``: layers x roles, the mean update ratio over the logged steps,
-  one panel per run on a shared log color scale.
+  one panel per run on a shared log color scale; e and p in the panel titles.
 
 Several runs overlay with a legend (for example the Small-init baseline and WeSaR).
 
@@ -19,6 +20,7 @@ import argparse
 import math
 import os
 import re
+import statistics
 import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -26,6 +28,7 @@ from typing import Optional, Sequence
 LOSS_KEY = 'loss/train/total'
 LAYERED_ROLES = ('q', 'k', 'v', 'o', 'g', 'u', 'd')
 ROLE_STYLES = {'d': '-', 'u': '--'}
+_REDUCE = {'mean': statistics.fmean, 'median': statistics.median, 'max': max}
 _LAYER_KEY = re.compile(r'^update_ratio/L(\d+)/([a-z])$')
 
 
@@ -43,11 +46,10 @@ class Run:
         """Steps and values of one metric, in step order; a clear error when the key is missing."""
         if key not in self.keys:
             family = key.split('/')[0] + '/'
-            related = sorted(k for k in self.keys if k.startswith(family)) or sorted(self.keys)
-            raise KeyError(
-                f'Run {self.name!r} ({self.run_id}) has no metric {key!r}. Its {family} keys are: '
-                f'{_shorten(related)}. Is UpdateRatioMonitor among its callbacks?',
-            )
+            related = sorted(k for k in self.keys if k.startswith(family))
+            listing = f'Its {family} keys are: {_shorten(related)}' if related else \
+                f'It has no {family} keys (a plain run has no gates); its keys are: {_shorten(self.keys)}'
+            raise KeyError(f'Run {self.name!r} ({self.run_id}) has no metric {key!r}. {listing}.')
         if key not in self._cache:
             points = sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.step)
             self._cache[key] = ([m.step for m in points], [m.value for m in points])
@@ -132,9 +134,11 @@ def plot_update_ratios(runs: list[Run], path: str, layer: Optional[int] = None) 
     layer = _pick_layer(runs, layer)
     plt, fig, (top, bottom) = _figure(2, 6.5)
     for run, color in zip(runs, _colors(len(runs))):
-        top.plot(*run.history(LOSS_KEY), color=color, label=run.name)
+        steps, losses = run.history(LOSS_KEY)
+        top.plot([s + 1 for s in steps], losses, color=color, label=run.name)  # Composer logs a batch's loss at its 0-based index
         for role, style in ROLE_STYLES.items():
             steps, values = run.history(f'update_ratio/L{layer}/{role}')
+            values = [v if v > 0 else math.nan for v in values]  # no update (lr 0) has no place on a log axis
             bottom.plot(steps, values, style, color=color, label=f'{run.name}: ||dW_{role}|| / ||W_{role}||')
     top.set_ylabel('training loss')
     top.legend()
@@ -160,18 +164,19 @@ def plot_param_norms(runs: list[Run], path: str, layer: Optional[int] = None) ->
     return _save(plt, fig, path)
 
 
+def _mean(run: Run, key: str, stat: str) -> float:
+    return _REDUCE[stat](run.history(key)[1])
+
+
 def heatmap_table(run: Run, stat: str = 'mean') -> tuple[list[int], list[str], list[list[float]]]:
     """Layers x roles of one run: ``stat`` ('mean', 'median' or 'max') of the update ratio over its logged steps."""
-    import statistics
-
-    reduce = {'mean': statistics.fmean, 'median': statistics.median, 'max': max}
-    if stat not in reduce:
-        raise ValueError(f'stat must be one of {sorted(reduce)}, got {stat!r}.')
+    if stat not in _REDUCE:
+        raise ValueError(f'stat must be one of {sorted(_REDUCE)}, got {stat!r}.')
     layers = run.layers()
     roles = [r for r in LAYERED_ROLES if any(k == f'update_ratio/L{layers[0]}/{r}' for k in run.keys)] if layers else []
     if not roles:
         raise KeyError(f'Run {run.name!r} has no update_ratio/L{{layer}}/{{role}} keys; its keys: {_shorten(run.keys)}.')
-    table = [[reduce[stat](run.history(f'update_ratio/L{layer}/{role}')[1]) for role in roles] for layer in layers]
+    table = [[_REDUCE[stat](run.history(f'update_ratio/L{layer}/{role}')[1]) for role in roles] for layer in layers]
     return layers, roles, table
 
 
@@ -196,11 +201,13 @@ def plot_heatmap(runs: list[Run], path: str, stat: str = 'mean') -> str:
         ax.set_xticks(range(len(roles)), roles)
         ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
         ax.set_xlabel('role')
-        ax.set_title(run.name)
+        extra = [f'{role} {_mean(run, f"update_ratio/{role}", stat):.2g}' for role in ('e', 'p') if f'update_ratio/{role}' in run.keys]
+        ax.set_title(f'{run.name}' + (f' ({", ".join(extra)})' if extra else ''), fontsize='medium')
         if len(layers) <= 16:
             for i, row in enumerate(table):
                 for j, value in enumerate(row):
-                    ax.text(j, i, f'{value:.2g}', ha='center', va='center', fontsize=7, color='white')
+                    bright = norm is not None and value > 0 and norm(value) > 0.6
+                    ax.text(j, i, f'{value:.2g}', ha='center', va='center', fontsize=7, color='black' if bright else 'white')
     axes[0][0].set_ylabel('layer')
     if image is not None:
         fig.colorbar(image, ax=list(axes[0]), label=f'{stat} update ratio ||dW|| / ||W||')
