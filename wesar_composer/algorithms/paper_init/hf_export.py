@@ -1,4 +1,4 @@
-"""Hugging Face export of a paper_init model through llm-foundry's ``hf_checkpointer``.
+"""Hugging Face export of a paper_init model: embedding scaling folded into W_e.
 
 A plain MPT or Llama has no embedding scaling, so the export folds it into the weights:
 W_e <- W_e * output_scale. A tied MPT head shares W_e and would then see it scaled too, so the
@@ -9,16 +9,16 @@ plain ``transformers``; Composer's own checkpoints keep the unscaled W_e.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from wesar_composer.algorithms.paper_init.scaled_embedding import ScaledEmbedding
+from wesar_composer.hf_export import fold_on_hf_export
 from wesar_composer.roles import unwrap
 
-__all__ = ['scaled_state_dict', 'fold_embedding_scale_on_hf_export']
+__all__ = ['fold_embedding_scale_on_hf_export']
 
 
 def _fold_hook(module: ScaledEmbedding, state_dict: dict[str, Any], prefix: str, *args: Any) -> dict[str, Any]:
@@ -28,28 +28,10 @@ def _fold_hook(module: ScaledEmbedding, state_dict: dict[str, Any], prefix: str,
     return state_dict
 
 
-@contextlib.contextmanager
-def scaled_state_dict(model: nn.Module) -> Iterator[None]:
-    """Inside the block, ``state_dict()`` of ``model`` holds W_e * output_scale."""
-    handles = [m._register_state_dict_hook(_fold_hook) for m in model.modules() if isinstance(m, ScaledEmbedding)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def fold_embedding_scale_on_hf_export(checkpointer: Any, model: nn.Module) -> None:
     """Make an llm-foundry ``HuggingFaceCheckpointer`` export the model with embedding scaling folded in."""
-    get_hf_model = checkpointer._get_hf_model
-    transform_config = checkpointer.transform_config
 
-    def _get_hf_model(state):
-        with scaled_state_dict(state.model):
-            return get_hf_model(state)
-
-    def _transform_config(original_config):
-        config = transform_config(original_config)
+    def edit_config(config):
         embedding = next((m for m in model.modules() if isinstance(m, ScaledEmbedding)), None)
         if embedding is None or not getattr(config, 'tie_word_embeddings', False):
             return config
@@ -60,5 +42,4 @@ def fold_embedding_scale_on_hf_export(checkpointer: Any, model: nn.Module) -> No
             config.tie_word_embeddings = False
         return config
 
-    checkpointer._get_hf_model = _get_hf_model
-    checkpointer.transform_config = _transform_config
+    fold_on_hf_export(checkpointer, (ScaledEmbedding,), _fold_hook, edit_config)
