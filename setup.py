@@ -26,6 +26,9 @@ setup(
             'wesar = wesar_composer.algorithms.wesar:WeSaR',
             'z_loss = wesar_composer.algorithms.z_loss:ZLoss',
             'paper_init = wesar_composer.algorithms.paper_init:PaperInit',
+            'weight_norm = wesar_composer.algorithms.weight_norm:WeightNorm',
+            'sigma_reparam = wesar_composer.algorithms.sigma_reparam:SigmaReparam',
+            'residual_scaling = wesar_composer.algorithms.residual_scaling:ResidualScaling',
         ],
         'llmfoundry_callbacks': [
             'update_ratio_monitor = wesar_composer.callbacks:UpdateRatioMonitor',

@@ -1,0 +1,227 @@
+"""sigma-Reparam (Zhai et al. 2023), one of the paper's compared reparameterizations.
+
+Table 4: every weight matrix, trainable, normalized, scaled by matrix. W_bar = a / ||W||_2 * W,
+a trainable scalar a initialized to 1, ||W||_2 estimated by one power iteration per training
+step and not differentiated (Appendix C.2). The actual W ~ N(0, sigma^2) with one sigma for all
+matrices (tuned in the paper over {1, 4, 16, 64, 256}e-5; best 64e-5 with pre-LN, Table 6); at
+initialization W_bar does not depend on sigma (every matrix has spectral norm 1), sigma sets
+how far Adam's steps move W relative to its size.
+
+Embedding scaling (every method of the paper uses it) multiplies the embedding output by
+1 / std(W_bar_e) at initialization, so the residual stream starts at unit variance: with
+W_e ~ N(0, sigma^2) of shape V x d, ||W_e||_2 ~ sigma (sqrt(V) + sqrt(d)), so the factor is the
+constant sqrt(V) + sqrt(d) (independent of sigma and of the draw).
+
+Pre-LN only through llm-foundry's MPT: its block is fixed as x + f(LN(x)) (``MPTModel.block_class``
+is ``MPTBlock``, with no config switch for post-LN). A post-LN decoder such as a Hugging Face OPT
+with ``do_layer_norm_before: false`` (through ``hf_causal_lm``; its ``fc1`` / ``fc2`` need
+``role_map``) takes this algorithm, but that is another architecture than the paper's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Mapping, Optional, Sequence, Union
+
+from composer.core import Algorithm, Event, State
+from composer.loggers import Logger
+from llmfoundry.callbacks import HuggingFaceCheckpointer
+from torch import nn
+from torch.optim import Optimizer
+
+from wesar_composer.algorithms.reparam.common import (
+    add_param_group,
+    check_bool,
+    check_non_negative,
+    check_optimizers,
+    check_positive,
+    check_role_map,
+    check_unreparameterized,
+    swap_modules,
+)
+from wesar_composer.algorithms.reparam.fold import fold_on_hf_export
+from wesar_composer.algorithms.sigma_reparam.modules import (
+    SigmaReparamEmbedding,
+    SigmaReparamLinear,
+    request_power_iteration,
+)
+from wesar_composer.param_init import is_meta, route_param_init_fn
+from wesar_composer.roles import MatrixSpec, ModelShape, find_matrices, model_shape, unwrap
+
+log = logging.getLogger(__name__)
+
+__all__ = ['SigmaReparam', 'apply_sigma_reparam', 'embedding_output_scale', 'DEFAULT_SIGMA_SQUARED']
+
+DEFAULT_SIGMA_SQUARED = 64e-5  # Table 6: the best of {1, 4, 16, 64, 256}e-5 for sigma-Reparam with pre-LN
+METHOD = 'sigma_reparam'
+MODULES = (SigmaReparamLinear, SigmaReparamEmbedding)
+
+
+def check_hparams(sigma_squared, embedding_scaling, gate_weight_decay, role_map) -> float:
+    """Validate the hyperparameters and return sigma."""
+    check_positive('sigma_squared', sigma_squared)
+    check_bool('embedding_scaling', embedding_scaling)
+    check_non_negative('gate_weight_decay', gate_weight_decay)
+    check_role_map(role_map)
+    return math.sqrt(sigma_squared)
+
+
+def embedding_output_scale(num_embeddings: int, embedding_dim: int) -> float:
+    """1 / std(W_bar_e) at init: ||W||_2 / std(W) of a Gaussian V x d matrix, sqrt(V) + sqrt(d)."""
+    return math.sqrt(num_embeddings) + math.sqrt(embedding_dim)
+
+
+def apply_sigma_reparam(
+    model: nn.Module,
+    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]] = None,
+    *,
+    sigma_squared: float = DEFAULT_SIGMA_SQUARED,
+    embedding_scaling: bool = True,
+    gate_weight_decay: float = 0.0,
+    role_map: Optional[Mapping[str, str]] = None,
+) -> nn.Module:
+    """Reparameterize every weight matrix of ``model`` as a / ||W||_2 * W (Appendix C.2).
+
+    Each matrix becomes a :class:`SigmaReparamLinear` / :class:`SigmaReparamEmbedding` sharing
+    its weight ``Parameter`` (drawn N(0, sigma^2)); the scalars a (one per q / k / v slice of a
+    fused projection) join the first optimizer in a param group of their own with
+    ``gate_weight_decay``. Outside a Composer Trainer, call
+    :func:`~wesar_composer.algorithms.sigma_reparam.request_power_iteration` once per step.
+    Everything is validated before the model changes.
+    """
+    sigma = check_hparams(sigma_squared, embedding_scaling, gate_weight_decay, role_map)
+    optimizers = check_optimizers(METHOD, optimizers)
+    check_unreparameterized(model, METHOD)
+    shape = model_shape(model)
+    specs = find_matrices(model, role_map)
+    if not specs:
+        raise ValueError(
+            f'No weight matrix of {type(unwrap(model)).__name__} matched a role; nothing to reparameterize. '
+            'Pass role_map={regex: role} naming its modules.',
+        )
+    tied_head = shape.tied_embeddings and not any(s.roles == ('p',) for s in specs)  # MPT: wte is the head
+    replacements, seen = {}, set()
+    for spec in specs:
+        shared = id(spec.module.weight) in seen  # a tied Hugging Face head: W is drawn once, by the embedding
+        seen.add(id(spec.module.weight))
+        replacements[spec.module] = _reparameterized_module(spec, shape, sigma, embedding_scaling, tied_head, not shared)
+    swap_modules(model, replacements)
+    for module in replacements.values():
+        if not is_meta(module):  # a meta model is initialized when Composer materializes it
+            module.reset_parameters()
+    route_param_init_fn(model, _reset_reparameterized, METHOD)
+    if optimizers:
+        gates = [m.gate for m in replacements.values()]
+        gates += [m.unembed_gate for m in replacements.values() if getattr(m, 'unembed_gate', None) is not None]
+        add_param_group(optimizers[0], gates, gate_weight_decay)
+    log.info('sigma_reparam: %d matrices (sigma^2=%g).', len(specs), sigma_squared)
+    return model
+
+
+def _reparameterized_module(
+    spec: MatrixSpec,
+    shape: ModelShape,
+    sigma: float,
+    embedding_scaling: bool,
+    tied_head: bool,
+    draw: bool,
+) -> nn.Module:
+    old = spec.module
+    std = sigma if draw else None
+    if spec.is_embedding:
+        new = SigmaReparamEmbedding(
+            old.num_embeddings,
+            old.embedding_dim,
+            old.padding_idx,
+            device='meta',
+            tied_head=tied_head,
+            output_scale=embedding_output_scale(old.num_embeddings, old.embedding_dim) if embedding_scaling else 1.0,
+            weight_std=std,
+        )
+        new.roles = spec.roles + (('p',) if tied_head else ())
+    else:
+        new = SigmaReparamLinear(
+            old.in_features,
+            old.out_features,
+            bias=old.bias is not None,
+            device='meta',
+            slice_sizes=spec.slice_sizes,
+            weight_std=std,
+        )
+        new.bias = old.bias
+        new.roles = spec.roles
+    new.weight = old.weight  # the same Parameter: optimizer state and weight tying stay intact
+    device, dtype = old.weight.device, old.weight.dtype
+    for name, gate in list(new.named_parameters(recurse=False)):
+        if 'gate' in name:  # values are set by reset_parameters
+            setattr(new, name, nn.Parameter(gate.new_empty(gate.shape, device=device, dtype=dtype)))
+    for name, buffer in list(new.named_buffers(recurse=False)):
+        setattr(new, name, buffer.new_empty(buffer.shape, device=device))
+    new.plain_class = type(old)  # what merge_reparameterization turns it back into
+    return new
+
+
+def _reset_reparameterized(module: nn.Module) -> bool:
+    if not isinstance(module, MODULES):
+        return False
+    module.reset_parameters()
+    return True
+
+
+class SigmaReparam(Algorithm):
+    """Composer algorithm for sigma-Reparam: :func:`apply_sigma_reparam` at ``Event.INIT``, one power
+    iteration per step (requested at ``Event.BATCH_START``, run by the first forward of the step).
+
+    YAML: ``algorithms: {sigma_reparam: {sigma_squared: 6.4e-4}}``. The scalars a appear in the
+    update-ratio monitor as ``gate/...``. An llm-foundry ``hf_checkpointer`` in the same run
+    exports the merged model (a / sigma and the embedding scaling folded into plain weights).
+
+    Args:
+        sigma_squared: variance of every actual weight matrix at init (default 64e-5, Table 6 pre-LN).
+        embedding_scaling: multiply the embedding output by sqrt(V) + sqrt(d) = 1 / std(W_bar_e) at init.
+        gate_weight_decay: weight decay of the scalars a (default 0, no decay).
+        role_map: extra ``{regex: role}`` entries for architectures the default map misses.
+    """
+
+    def __init__(
+        self,
+        sigma_squared: float = DEFAULT_SIGMA_SQUARED,
+        embedding_scaling: bool = True,
+        gate_weight_decay: float = 0.0,
+        role_map: Optional[Mapping[str, str]] = None,
+    ):
+        check_hparams(sigma_squared, embedding_scaling, gate_weight_decay, role_map)
+        self.sigma_squared = sigma_squared
+        self.embedding_scaling = embedding_scaling
+        self.gate_weight_decay = gate_weight_decay
+        self.role_map = dict(role_map) if role_map else None
+
+    def __repr__(self) -> str:
+        return (
+            f'{self.__class__.__name__}(sigma_squared={self.sigma_squared}, embedding_scaling={self.embedding_scaling}, '
+            f'gate_weight_decay={self.gate_weight_decay}, role_map={self.role_map})'
+        )
+
+    @staticmethod
+    def required_on_load() -> bool:
+        return True
+
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.INIT, Event.BATCH_START)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.BATCH_START:
+            request_power_iteration(state.model)
+            return
+        apply_sigma_reparam(
+            state.model,
+            optimizers=state.optimizers,
+            sigma_squared=self.sigma_squared,
+            embedding_scaling=self.embedding_scaling,
+            gate_weight_decay=self.gate_weight_decay,
+            role_map=self.role_map,
+        )
+        for callback in state.callbacks:
+            if isinstance(callback, HuggingFaceCheckpointer):
+                fold_on_hf_export(callback, state.model)

@@ -1,0 +1,163 @@
+"""Weight-normalized drop-in replacements for ``nn.Linear`` and llm-foundry's ``SharedEmbedding``.
+
+Weight Normalization (Salimans and Kingma 2016; the paper's Appendix C.1) computes with
+W_bar[i] = g[i] * v[i] / ||v[i]|| for every row i: the direction v (the module's ``weight``, the
+actual parameter) and a trainable length g per row (``weight_g``, shape (rows, 1), as torch's
+own weight norm names it). The gradient goes through the normalization:
+
+    dL/dg[i] = G[i] . v_hat[i]          dL/dv[i] = g[i] / ||v[i]|| * (G[i] - (dL/dg[i]) v_hat[i])
+
+with G = dL/dW_bar and v_hat = v / ||v||; dL/dv is orthogonal to v row by row.
+
+Why not ``torch.nn.utils.parametrizations.weight_norm``: it moves the tensors to
+``parametrizations.weight.original0`` / ``original1`` (state-dict keys plain MPT cannot load),
+turns ``module.weight`` into a computed tensor with no ``.grad`` (the update-ratio monitor reads
+the actual weight and its gradient there), leaves the module with no parameters of its own
+(Composer's meta-device init then calls ``param_init_fn`` on the parametrization's submodule,
+which llm-foundry's init does not know), and keeps W_bar alive from forward to backward. Here
+``weight`` stays the actual parameter under its usual key, ``weight_g`` joins it, and the linear
+layer's custom autograd function saves x, v and g and recomputes W_bar in backward. A fused
+``Wqkv`` needs nothing special: rows are normalized one by one whatever slice they belong to.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from llmfoundry.models.layers.custom_embedding import SharedEmbedding
+from torch import nn
+
+from wesar_composer.algorithms.reparam.common import REPARAMETERIZED
+
+__all__ = ['WeightNormLinear', 'WeightNormEmbedding', 'row_norms', 'weight_norm_weight']
+
+
+def row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """||w_i|| of every row, shape (rows, 1), accumulated in float32, in the weight's dtype."""
+    return torch.linalg.vector_norm(weight, dim=1, keepdim=True, dtype=torch.float32).to(weight.dtype)
+
+
+def weight_norm_weight(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """W_bar = g * v / ||v|| row by row."""
+    return v * (g / row_norms(v)).to(v.dtype)
+
+
+class _WeightNormLinearFunction(torch.autograd.Function):
+    """y = x W_bar^T + b, W_bar = g v / ||v||, saving x, v, g and the row norms (not W_bar)."""
+
+    @staticmethod
+    def forward(ctx, x, v, g, bias):
+        norms = row_norms(v)
+        ctx.save_for_backward(x, v, g, norms)
+        ctx.has_bias = bias is not None
+        return F.linear(x, v * (g / norms).to(v.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, v, g, norms = ctx.saved_tensors
+        need_x, need_v, need_g, need_b = ctx.needs_input_grad
+        compute_dtype = grad_out.dtype
+        scale = (g / norms).to(v.dtype)
+        grad_x = grad_v = grad_g = grad_b = None
+        if need_x:
+            grad_x = grad_out @ (v * scale).to(compute_dtype)
+        if need_v or need_g:
+            flat_out = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_virtual = (flat_out.t() @ x.reshape(-1, x.shape[-1]).to(compute_dtype)).to(v.dtype)
+            v_hat = v / norms
+            along = (grad_virtual * v_hat).sum(dim=1, keepdim=True)
+            if need_g:
+                grad_g = along.to(g.dtype)
+            if need_v:
+                grad_v = scale * (grad_virtual - along * v_hat)
+        if need_b and ctx.has_bias:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_v, grad_g, grad_b
+
+
+class WeightNormLinear(nn.Linear):
+    """``y = x W_bar^T + b`` with W_bar = g * v / ||v|| per row; ``weight`` is v, ``weight_g`` is g.
+
+    ``reset_parameters`` (also what Composer calls when it materializes a meta-device model)
+    draws v ~ N(0, weight_std^2) and sets g = ||v||, so W_bar = v at initialization.
+    """
+
+    FOLDED_KEYS = ('weight_g',)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 weight_std: float | None = None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.weight_std = weight_std
+        self.weight_g = nn.Parameter(torch.empty(out_features, 1, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        if not hasattr(self, 'weight_g'):  # called by nn.Linear.__init__ before weight_g exists
+            return super().reset_parameters()
+        with torch.no_grad():
+            if self.weight_std is not None:
+                self.weight.normal_(0.0, self.weight_std)
+            self.weight_g.copy_(row_norms(self.weight))
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def virtual_weight(self) -> torch.Tensor:
+        """W_bar = g * v / ||v||."""
+        return weight_norm_weight(self.weight, self.weight_g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _WeightNormLinearFunction.apply(x, self.weight, self.weight_g, self.bias)
+
+    def fold_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {'weight': weight_norm_weight(tensors['weight'], tensors['weight_g'])}
+
+
+class WeightNormEmbedding(SharedEmbedding):
+    """Token embedding with weight-normalized rows (one g per token) and embedding scaling.
+
+    ``embedding(x) = g[x] * v[x] / ||v[x]|| * output_scale``: only the looked-up rows are
+    normalized, with the gradient through their normalization. A tied head (MPT's
+    ``unembed=True``) computes with the whole W_bar and no output scale.
+    """
+
+    FOLDED_KEYS = ('weight_g',)
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, device=None,
+                 dtype=None, *, weight_std: float | None = None, output_scale: float = 1.0):
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype)
+        self.weight_std = weight_std
+        self.output_scale = float(output_scale)
+        self.weight_g = nn.Parameter(torch.empty(num_embeddings, 1, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        if not hasattr(self, 'weight_g'):
+            return super().reset_parameters()
+        with torch.no_grad():
+            if self.weight_std is not None:
+                self.weight.normal_(0.0, self.weight_std)  # no zero padding row: its norm would be 0
+            self.weight_g.copy_(row_norms(self.weight))
+
+    def virtual_weight(self) -> torch.Tensor:
+        return weight_norm_weight(self.weight, self.weight_g)
+
+    def forward(self, input: torch.Tensor, unembed: bool = False) -> torch.Tensor:
+        if unembed:
+            return _WeightNormLinearFunction.apply(input, self.weight, self.weight_g, None)
+        rows = F.embedding(input, self.weight, self.padding_idx)
+        gains = F.embedding(input, self.weight_g, self.padding_idx)
+        norms = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
+        return rows * (gains / norms * self.output_scale)
+
+    def fold_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {'weight': weight_norm_weight(tensors['weight'], tensors['weight_g']) * self.output_scale}
+
+    def unembed_factor(self, tensors: Mapping[str, torch.Tensor]) -> float:
+        return 1.0 / self.output_scale
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, output_scale={self.output_scale:.4g}'
+
+
+REPARAMETERIZED[WeightNormLinear] = 'weight_norm'
+REPARAMETERIZED[WeightNormEmbedding] = 'weight_norm'
