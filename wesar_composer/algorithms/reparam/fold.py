@@ -9,7 +9,7 @@ folds its output scale into W_e the same way.
 
 - :func:`merge_reparameterization` swaps the modules for plain ones in place.
 - :func:`folded_state_dict` makes ``state_dict()`` return the merged model's tensors.
-- :func:`fold_on_hf_export` makes an llm-foundry ``hf_checkpointer`` write the merged model.
+- :func:`fold_reparam_on_hf_export` makes an llm-foundry ``hf_checkpointer`` write the merged model.
 
 A tied MPT head keeps its own factor as ``logit_scale``; a Hugging Face tied head is untied.
 """
@@ -20,18 +20,24 @@ import contextlib
 from typing import Any, Iterator, Mapping, Optional
 
 import torch
+from composer.utils import module_surgery
 from llmfoundry.models.layers.custom_embedding import SharedEmbedding
 from torch import nn
 
 from wesar_composer.algorithms.paper_init.scaled_embedding import ScaledEmbedding
 from wesar_composer.algorithms.reparam.common import LLMFOUNDRY_MARKERS, REPARAMETERIZED
+from wesar_composer.hf_export import fold_on_hf_export, state_dict_hooks
 from wesar_composer.roles import find_config, unwrap
 
-__all__ = ['merge_reparameterization', 'folded_state_dict', 'fold_on_hf_export', 'foldable_modules']
+__all__ = ['merge_reparameterization', 'folded_state_dict', 'fold_reparam_on_hf_export', 'foldable_modules']
+
+
+def _foldable_types() -> tuple[type, ...]:
+    return (*REPARAMETERIZED, ScaledEmbedding)
 
 
 def _is_foldable(module: nn.Module) -> bool:
-    return isinstance(module, tuple(REPARAMETERIZED)) or isinstance(module, ScaledEmbedding)
+    return isinstance(module, _foldable_types())
 
 
 def foldable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -102,7 +108,6 @@ def merge_reparameterization(model: nn.Module) -> nn.Module:
                 setattr(plain, attr, getattr(module, attr))
         merged[module] = plain
 
-    from composer.utils import module_surgery
     policies = {cls: (lambda m, _: merged.get(m)) for cls in (nn.Linear, nn.Embedding)}
     module_surgery.replace_module_classes(inner, policies=policies)
     config = find_config(model)
@@ -138,36 +143,25 @@ def _fold_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args
 @contextlib.contextmanager
 def folded_state_dict(model: nn.Module) -> Iterator[None]:
     """Inside the block, ``state_dict()`` of ``model`` holds the merged model's tensors and keys."""
-    handles = [m._register_state_dict_hook(_fold_hook) for m in model.modules() if _is_foldable(m)]
-    try:
+    with state_dict_hooks(model, _foldable_types(), _fold_hook):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
-def fold_on_hf_export(checkpointer: Any, model: nn.Module) -> None:
+def fold_reparam_on_hf_export(checkpointer: Any, model: nn.Module) -> None:
     """Make an llm-foundry ``HuggingFaceCheckpointer`` export the merged model.
 
     The gathered state dict is folded on the way out; the exported config gets a tied MPT
     head's factor in ``logit_scale``, or ``tie_word_embeddings: false`` for a Hugging Face tied
     head. Composer's own checkpoints keep the reparameterized tensors.
     """
-    get_hf_model = checkpointer._get_hf_model
-    transform_config = checkpointer.transform_config
 
-    def _get_hf_model(state):
-        with folded_state_dict(state.model):
-            return get_hf_model(state)
-
-    def _transform_config(original_config):
-        config = transform_config(original_config)
+    def edit_config(config):
         if not getattr(config, 'tie_word_embeddings', False):
             return config
         embedding = next((m for _, m in foldable_modules(model) if isinstance(m, nn.Embedding)), None)
-        factor: Optional[float] = getattr(embedding, '_export_unembed_factor', None)
         if embedding is None:
             return config
+        factor: Optional[float] = getattr(embedding, '_export_unembed_factor', None)
         if hasattr(config, 'logit_scale') and factor is not None:  # MPT: the head is the embedding (unembed=True)
             current = getattr(unwrap(model), 'logit_scale', None)
             config.logit_scale = (current if isinstance(current, (int, float)) else 1.0) * factor
@@ -175,5 +169,4 @@ def fold_on_hf_export(checkpointer: Any, model: nn.Module) -> None:
             config.tie_word_embeddings = False
         return config
 
-    checkpointer._get_hf_model = _get_hf_model
-    checkpointer.transform_config = _transform_config
+    fold_on_hf_export(checkpointer, _foldable_types(), _fold_hook, edit_config)

@@ -38,7 +38,7 @@ from wesar_composer.algorithms.reparam.common import (
     check_unreparameterized,
     swap_modules,
 )
-from wesar_composer.algorithms.reparam.fold import fold_on_hf_export
+from wesar_composer.algorithms.reparam.fold import fold_reparam_on_hf_export
 from wesar_composer.param_init import is_meta
 from wesar_composer.roles import BACKBONES, RESIDUAL_ROLES, find_matrices, model_shape, unwrap
 
@@ -199,4 +199,4 @@ class ResidualScaling(Algorithm):
         )
         for callback in state.callbacks:
             if isinstance(callback, HuggingFaceCheckpointer):
-                fold_on_hf_export(callback, state.model)
+                fold_reparam_on_hf_export(callback, state.model)

@@ -40,7 +40,7 @@ from wesar_composer.algorithms.reparam.common import (
     check_unreparameterized,
     swap_modules,
 )
-from wesar_composer.algorithms.reparam.fold import fold_on_hf_export
+from wesar_composer.algorithms.reparam.fold import fold_reparam_on_hf_export
 from wesar_composer.algorithms.sigma_reparam.modules import (
     SigmaReparamEmbedding,
     SigmaReparamLinear,
@@ -224,4 +224,4 @@ class SigmaReparam(Algorithm):
         )
         for callback in state.callbacks:
             if isinstance(callback, HuggingFaceCheckpointer):
-                fold_on_hf_export(callback, state.model)
+                fold_reparam_on_hf_export(callback, state.model)

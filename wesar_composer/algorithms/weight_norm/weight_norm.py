@@ -30,7 +30,7 @@ from wesar_composer.algorithms.reparam.common import (
     check_unreparameterized,
     swap_modules,
 )
-from wesar_composer.algorithms.reparam.fold import fold_on_hf_export
+from wesar_composer.algorithms.reparam.fold import fold_reparam_on_hf_export
 from wesar_composer.algorithms.weight_norm.modules import WeightNormEmbedding, WeightNormLinear
 from wesar_composer.param_init import is_meta, route_param_init_fn
 from wesar_composer.roles import MatrixSpec, find_matrices, model_shape, unwrap
@@ -176,4 +176,4 @@ class WeightNorm(Algorithm):
         )
         for callback in state.callbacks:
             if isinstance(callback, HuggingFaceCheckpointer):
-                fold_on_hf_export(callback, state.model)
+                fold_reparam_on_hf_export(callback, state.model)
