@@ -50,7 +50,8 @@ def load_make_yamls():
 
 
 def recipe_names():
-    return sorted(load_make_yamls().recipes())
+    """The recipes of Tables 5 and 7 (30B tokens); Table 6's (``*-10b``) are tested in test_reparam_yamls.py."""
+    return sorted(name for name in load_make_yamls().recipes() if not name.endswith('-10b'))
 
 
 def split_name(name):
@@ -73,7 +74,7 @@ def test_the_recipes_are_the_papers():
     expected = {f'{m}-{size}-{setting}' for m in ('wesar', 'small_init') for size in SIZES for setting in SETTINGS}
     expected |= {f'{m}-1.3b-rapid' for m in ('he_init', 'wesar_small_backbone', 'wesar_fixed_gates')}
     assert set(recipe_names()) == expected
-    assert {p.stem for p in PAPER.glob('*.yaml')} == expected
+    assert {p.stem for p in PAPER.glob('*.yaml') if not p.stem.endswith('-10b')} == expected
 
 
 @pytest.mark.parametrize('name', recipe_names())

@@ -29,6 +29,8 @@ SIZES = ('130m', '1.3b', '13b')  # Table 2
 SETTINGS = ('rapid', 'stable')  # Table 3
 MAIN_METHODS = ('wesar', 'small_init')  # Table 5
 ABLATIONS = ('he_init', 'wesar_small_backbone', 'wesar_fixed_gates')  # Table 7, at 1.3B rapid
+# Table 6: the reparameterizations compared with Small init and WeSaR at 1.3B rapid on 10B tokens
+TABLE6_METHODS = ('small_init', 'weight_norm', 'sigma_reparam', 'residual_scaling_he', 'residual_scaling_small', 'wesar')
 
 
 def recipes() -> dict[str, tuple[str, ...]]:
@@ -40,8 +42,8 @@ def recipes() -> dict[str, tuple[str, ...]]:
                 table[f'{method}-{size}-{setting}'] = (f'size/{size}', f'setting/{setting}', f'method/{method}')
     for method in ABLATIONS:
         table[f'{method}-1.3b-rapid'] = ('size/1.3b', 'setting/rapid', f'method/{method}')
-    # Table 6 (reparameterizations compared at 1.3B on 10B tokens) adds its methods and a
-    # duration part here.
+    for method in TABLE6_METHODS:
+        table[f'{method}-1.3b-rapid-10b'] = ('size/1.3b', 'setting/rapid', 'duration/10b', f'method/{method}')
     return table
 
 
