@@ -11,7 +11,7 @@ from composer.loggers import InMemoryLogger
 from composer.optim import DecoupledAdamW
 from torch.utils.data import DataLoader
 
-from model_builders import mpt
+from model_builders import llama, mpt
 from wesar_composer import UpdateRatioMonitor, WeSaR
 from wesar_composer.roles import find_matrices
 
@@ -203,3 +203,12 @@ def test_registered_as_llmfoundry_callback():
     monitor = build_callback('update_ratio_monitor', kwargs={'log_interval': 5})
     assert isinstance(monitor, UpdateRatioMonitor) and monitor.log_interval == 5
     assert isinstance(build_callback('loss_spike_counter', kwargs={}), LossSpikeCounter)
+
+
+def test_llama_style_hf_model_gets_the_same_layout_with_a_glu_gate_projection(tmp_path):
+    model = llama(tmp_path, d_model=64, n_heads=4, kv_heads=2, n_layers=N_LAYERS)
+    data = fit(model, [UpdateRatioMonitor(log_interval=1)], batches=2, algorithms=[WeSaR()])
+    suffixes = [f'L{layer}/{role}' for layer in range(N_LAYERS) for role in LAYER_ROLES + ('g',)] + ['e', 'p']
+    expected = {f'{family}/{s}' for family in FAMILIES + ('gate',) for s in suffixes}
+    assert monitor_keys(data) == expected | {'update_ratio/max', 'update_ratio/last_layer_d_over_u'}
+    assert all(len(data[key]) == 2 and all(v > 0 and math.isfinite(v) for _, v in data[key]) for key in expected)

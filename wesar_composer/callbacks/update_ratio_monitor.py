@@ -192,7 +192,7 @@ class UpdateRatioMonitor(Callback):
         grads = []
         for matrix, (flat, start) in zip(self._matrices, weights):
             grad = matrix.module.weight.grad
-            grads.append((flat.new_zeros(flat.shape) if grad is None else _local_tensor(grad).reshape(-1), start))
+            grads.append((flat.new_zeros(0), 0) if grad is None else (_local_tensor(grad).reshape(-1), start))  # no grad: 0
         weight_sq = _slice_sq_norms(weights, self._matrices)
         grad_sq = _slice_sq_norms(grads, self._matrices)
         self._pre_step = torch.cat([weight_sq, grad_sq, self._gate_values(weight_sq.device)])
