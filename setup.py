@@ -20,6 +20,7 @@ setup(
         'console_scripts': [
             'wesar-data = wesar_composer.data.build:main',
             'wesar-demo = wesar_composer.demo:main',
+            'wesar-experiments = wesar_composer.experiments:main',
             'wesar-plot = wesar_composer.plotting:main',
         ],
         'llmfoundry_algorithms': [
