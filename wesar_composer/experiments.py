@@ -93,6 +93,7 @@ class Scale:
     reparam_shapes: tuple[str, ...]
     reparam_seeds: tuple[int, ...]
     max_chars: Optional[int] = None
+    every_method_every_shape: bool = True  # False: shapes after the first run Small init and WeSaR only
 
 
 FULL = Scale(vocab_size=1024, seq_len=64, batch=16, steps=240, eval_batches=8, monitor_interval=4,
@@ -100,7 +101,8 @@ FULL = Scale(vocab_size=1024, seq_len=64, batch=16, steps=240, eval_batches=8, m
              reparam_shapes=('base',), reparam_seeds=(0,))
 QUICK = Scale(vocab_size=512, seq_len=64, batch=4, steps=8, eval_batches=1, monitor_interval=2,
               seeds=(0,), lrs=(1e-2,), shapes=('base', 'deep'), lr_shapes=('base',),
-              reparam_shapes=('base',), reparam_seeds=(0,), max_chars=300_000)
+              reparam_shapes=('base',), reparam_seeds=(0,), max_chars=300_000,
+              every_method_every_shape=False)
 QUICK_SHAPES = {'base': {'d_model': 32, 'n_layers': 2, 'n_heads': 2},
                 'deep': {'d_model': 16, 'n_layers': 6, 'n_heads': 2}}
 
@@ -141,8 +143,9 @@ def plan(scale: Scale, groups: Sequence[str] = ('main', 'reparam', 'lr')) -> lis
 
     def main_runs(seeds):
         for seed in seeds:
-            for shape in scale.shapes:
-                for method in MAIN_METHODS:
+            for i, shape in enumerate(scale.shapes):
+                methods = MAIN_METHODS if i == 0 or scale.every_method_every_shape else FIGURE_METHODS
+                for method in methods:
                     monitor = method in FIGURE_METHODS and seed == scale.seeds[0]
                     specs.append(RunSpec('main', method, shape, seed, SETTINGS[METHODS[method][2]]['lr'], monitor))
 
