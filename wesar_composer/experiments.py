@@ -493,8 +493,8 @@ def table_main(rows: list[dict], shape: str) -> str:
 
 
 def table_reparam(rows: list[dict]) -> str:
-    lines = ['| method | val loss | val perplexity | spikes | runs | wall time / run | time vs Small | paper 1.3B, 10B tokens (ppl WikiText / LAMBADA) | paper time |',
-             '|---|---|---|---|---|---|---|---|---|']
+    lines = ['| method | val loss | val perplexity | spikes | runs | wall time / run | s / batch (median) | batch time vs Small | paper 1.3B, 10B tokens (ppl WikiText / LAMBADA) | paper time |',
+             '|---|---|---|---|---|---|---|---|---|---|']
     shapes = sorted({r['shape'] for r in rows if r['group'] == 'reparam'})
     for shape in shapes:
         seeds = sorted({r['seed'] for r in rows if r['group'] == 'reparam' and r['shape'] == shape})
@@ -504,18 +504,19 @@ def table_reparam(rows: list[dict]) -> str:
                 return [r for r in _select(rows, group='main', shape=shape, method=method) if r['seed'] in seeds]
             return _select(rows, group='reparam', shape=shape, method=method)
 
-        base_wall = _stats([r['wall_s'] for r in pick('small_rapid')])[0]
+        base_batch = _stats([r['batch_s'] for r in pick('small_rapid')])[0]
         for method in ('small_rapid',) + REPARAM_METHODS + ('wesar',):
             sel = pick(method)
             if not sel:
                 continue
-            wall = _stats([r['wall_s'] for r in sel])[0]
-            rel = f'{100 * (wall / base_wall - 1):+.0f}%' if method != 'small_rapid' and math.isfinite(base_wall) else '-'
+            batch = _stats([r['batch_s'] for r in sel])[0]
+            rel = f'{100 * (batch / base_batch - 1):+.0f}%' if method != 'small_rapid' and math.isfinite(base_batch) else '-'
             paper_ppl, paper_time = PAPER_T6[method]
             lines.append(
                 f'| {METHODS[method][0]} ({shape}) | {_ms([r["val_loss"] for r in sel])} | '
                 f'{_ms([r["val_ppl"] for r in sel], ".1f")} | {sum(r["spikes"] for r in sel)} | {len(sel)} | '
-                f'{wall:.0f} s | {rel} | {paper_ppl} | {paper_time} |')
+                f'{_ms([r["wall_s"] for r in sel], ".0f")} s | {_ms([r["batch_s"] for r in sel], ".3f")} | {rel} | '
+                f'{paper_ppl} | {paper_time} |')
     return '\n'.join(lines)
 
 
@@ -629,7 +630,7 @@ def plot_figures(out_dir: Path, rows: list[dict]) -> list[str]:
                 ax.fill_between(tokens, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), color=f'C{i}', alpha=0.15)
         d, n_layers = sel[0]['d_model'], sel[0]['n_layers']
         ax.set(xlabel='training tokens', ylabel='training loss', title=f'{shape}: d {d}, {n_layers} layers (mean; band: min-max over seeds)')
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc='lower left')
         path = fig_dir / f'loss_{shape}.png'
         fig.tight_layout()
         fig.savefig(path, dpi=110)
