@@ -574,9 +574,11 @@ def render_tables(rows: list[dict]) -> dict[str, str]:
 _BLOCK = re.compile(r'(<!-- BEGIN GENERATED ([\w-]+) -->\n).*?(<!-- END GENERATED \2 -->)', re.S)
 
 
-def render_page(page: Path, rows: list[dict]) -> list[str]:
+def render_page(page: Path, rows: list[dict], out_dir: Optional[Path] = None) -> list[str]:
     """Replace each ``<!-- BEGIN GENERATED name -->`` block of ``page``; returns the names filled."""
     tables = render_tables(rows)
+    if out_dir is not None and list((out_dir / 'figures').glob(f'*/{NORMS_JSON}')):
+        tables['norms'] = table_norms(out_dir)
     filled = []
 
     def fill(m: re.Match) -> str:
@@ -600,6 +602,38 @@ def _curves(out_dir: Path, names: Sequence[str]) -> list[list[float]]:
         if path.is_file():
             curves.append([float('nan') if x is None else x for x in json.loads(path.read_text())['loss']])
     return curves
+
+
+NORMS_JSON = 'last_layer_norms.json'
+
+
+def _write_norms(runs, monitored: list[dict], path: Path) -> str:
+    """||W_d||, ||W_u|| of the last layer at the first and last logged step, per monitored run."""
+    records = []
+    for run, row in zip(runs, monitored):
+        layer = row['n_layers'] - 1
+        record = {'label': row['label'], 'shape': row['shape'], 'layer': layer}
+        for role in ('d', 'u'):
+            steps, values = run.history(f'param_norm/L{layer}/{role}')
+            record[role] = {'first_step': steps[0], 'first': values[0], 'last_step': steps[-1], 'last': values[-1]}
+        records.append(record)
+    path.write_text(json.dumps(records, indent=1))
+    return str(path)
+
+
+def table_norms(out_dir: Path) -> str:
+    """From the ``last_layer_norms.json`` files that :func:`plot_figures` writes."""
+    lines = ['| shape | method | ‖W_d‖ first → last | change | ‖W_u‖ first → last | change |',
+             '|---|---|---|---|---|---|']
+    for path in sorted((out_dir / 'figures').glob(f'*/{NORMS_JSON}')):
+        for r in json.loads(path.read_text()):
+            cells = []
+            for role in ('d', 'u'):
+                v = r[role]
+                cells.append(f'{v["first"]:.3f} → {v["last"]:.3f} (steps {v["first_step"]}-{v["last_step"]}) | '
+                             f'{100 * (v["last"] / v["first"] - 1):+.0f}%')
+            lines.append(f'| {r["shape"]} (layer {r["layer"]}) | {r["label"]} | {" | ".join(cells)} |')
+    return '\n'.join(lines)
 
 
 def plot_figures(out_dir: Path, rows: list[dict]) -> list[str]:
@@ -646,6 +680,7 @@ def plot_figures(out_dir: Path, rows: list[dict]) -> list[str]:
             shape_dir = fig_dir / shape
             shape_dir.mkdir(exist_ok=True)
             written += plotting.plot_runs(runs, str(shape_dir))
+            written.append(_write_norms(runs, monitored, shape_dir / NORMS_JSON))
 
     sweep = [r for r in rows if r['group'] == 'lr']
     if sweep:
@@ -719,7 +754,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for path in plot_figures(out_dir, rows):
             _say(f'figure: {path}')
     if args.page:
-        filled = render_page(Path(args.page), rows)
+        filled = render_page(Path(args.page), rows, out_dir)
         _say(f'{args.page}: refreshed {filled}')
     tables = render_tables(rows)
     for name, table in tables.items():
