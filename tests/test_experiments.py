@@ -96,6 +96,8 @@ def test_quick_grid_writes_results_figures_and_page(tiny_mds, tmp_path, capsys):
     for name in ('loss_base.png', 'loss_deep.png', 'lr_sweep.png', 'base/update_ratio_heatmap.png',
                  'deep/param_norm_L5.png', 'deep/update_ratio_L5.png'):
         assert (figures / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', name
+    norms = ex.table_norms(out).splitlines()
+    assert len(norms) == 2 + 2 * len(ex.QUICK_SHAPES)  # header, rule, Small init and WeSaR per shape
     text = page.read_text()
     assert 'old table' not in text and 'Prose stays.' in text and 'kept as is' in text
     assert ex.render_tables(rows)['main-base'] in text
