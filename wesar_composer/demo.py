@@ -163,6 +163,25 @@ def _mlflow_run_id(trainer) -> Optional[str]:
     return None
 
 
+def _result(trainer, method: str, wall: float) -> RunResult:
+    metrics = trainer.state.eval_metrics.get('eval', {})
+    if 'LanguageCrossEntropy' not in metrics:
+        raise RuntimeError(f'The {method} run has no eval metrics; is eval_loader set in the demo YAML?')
+    val_loss = float(metrics['LanguageCrossEntropy'].compute())
+    return RunResult(
+        method=method,
+        run_name=str(trainer.state.run_name),
+        run_id=_mlflow_run_id(trainer),
+        val_loss=val_loss,
+        val_perplexity=math.exp(val_loss),
+        spikes=_spike_count(trainer.state.callbacks),
+        wall_seconds=wall,
+        batches=trainer.state.timestamp.batch.value,
+        tokens=trainer.state.timestamp.token.value,
+        n_params=sum(p.numel() for name, p in trainer.state.model.named_parameters() if not name.endswith('gate')),
+    )
+
+
 def train_one(cfg, method: str, log_path: Optional[Path] = None) -> RunResult:
     """Train one method through llm-foundry's train path and collect its results.
 
@@ -172,7 +191,6 @@ def train_one(cfg, method: str, log_path: Optional[Path] = None) -> RunResult:
     from llmfoundry.command_utils import train
     from omegaconf import OmegaConf as om
 
-
     cfg = om.merge(cfg, om.create({
         'variables': {'method': method},
         'progress_bar': False,
@@ -181,28 +199,11 @@ def train_one(cfg, method: str, log_path: Optional[Path] = None) -> RunResult:
     start = time.perf_counter()
     with _output_to(log_path) if log_path is not None else contextlib.nullcontext():
         trainer = train(cfg)
-    wall = time.perf_counter() - start
-    try:
-        metrics = trainer.state.eval_metrics.get('eval', {})
-        if 'LanguageCrossEntropy' not in metrics:
-            raise RuntimeError(f'The {method} run has no eval metrics; is eval_loader set in the demo YAML?')
-        val_loss = float(metrics['LanguageCrossEntropy'].compute())
-        spikes = _spike_count(trainer.state.callbacks)
-        n_params = sum(p.numel() for name, p in trainer.state.model.named_parameters() if not name.endswith('gate'))
-        result = RunResult(
-            method=method,
-            run_name=str(trainer.state.run_name),
-            run_id=_mlflow_run_id(trainer),
-            val_loss=val_loss,
-            val_perplexity=math.exp(val_loss),
-            spikes=spikes,
-            wall_seconds=wall,
-            batches=trainer.state.timestamp.batch.value,
-            tokens=trainer.state.timestamp.token.value,
-            n_params=n_params,
-        )
-    finally:
-        trainer.close()  # ends the MLflow run and flushes its metrics
+        wall = time.perf_counter() - start
+        try:
+            result = _result(trainer, method, wall)
+        finally:
+            trainer.close()  # ends the MLflow run and flushes its metrics
     return result
 
 
