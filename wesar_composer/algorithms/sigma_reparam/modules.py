@@ -72,7 +72,7 @@ class _SpectralNorm:
         with torch.autocast(device_type=self.weight.device.type, enabled=False):
             weight = self.weight.detach().float()
             for i, (w, u) in enumerate(zip(weight.split(list(self.slice_sizes)), self.sn_u.split(list(self.slice_sizes)))):
-                v = F.normalize(w.t() @ u, dim=0)
+                v = F.normalize(w.t() @ u.float(), dim=0)  # buffers may be cast (FSDP mixed precision)
                 wv = w @ v
                 sigma = torch.linalg.vector_norm(wv)
                 u.copy_(wv / sigma)
