@@ -94,11 +94,12 @@ class Scale:
     reparam_seeds: tuple[int, ...]
     max_chars: Optional[int] = None
     every_method_every_shape: bool = True  # False: shapes after the first run Small init and WeSaR only
+    lr_seeds: tuple[int, ...] = (0,)  # the first one runs before Table 6, the others last
 
 
 FULL = Scale(vocab_size=1024, seq_len=64, batch=16, steps=240, eval_batches=8, monitor_interval=4,
              seeds=(0, 1, 2), lrs=(3e-3, 1e-2, 3e-2), shapes=('base', 'deep'), lr_shapes=('deep', 'base'),
-             reparam_shapes=('base',), reparam_seeds=(0, 1, 2))
+             reparam_shapes=('base',), reparam_seeds=(0, 1, 2), lr_seeds=(0, 1, 2))
 QUICK = Scale(vocab_size=512, seq_len=64, batch=4, steps=8, eval_batches=1, monitor_interval=2,
               seeds=(0,), lrs=(1e-2,), shapes=('base', 'deep'), lr_shapes=('base',),
               reparam_shapes=('base',), reparam_seeds=(0,), max_chars=300_000,
@@ -138,7 +139,8 @@ class RunSpec:
 
 def plan(scale: Scale, groups: Sequence[str] = ('main', 'reparam', 'lr')) -> list[RunSpec]:
     """The runs of a grid, the most informative first: two seeds of the main grid, the lr sweep,
-    the compared reparameterizations, then the other seeds (a deadline cuts from the end)."""
+    the compared reparameterizations, then the other seeds of the main grid and of the lr sweep
+    (a deadline cuts from the end)."""
     specs: list[RunSpec] = []
 
     def main_runs(seeds):
@@ -151,11 +153,15 @@ def plan(scale: Scale, groups: Sequence[str] = ('main', 'reparam', 'lr')) -> lis
 
     if 'main' in groups:
         main_runs(scale.seeds[:2])
+    def lr_runs(seeds):
+        for seed in seeds:
+            for shape in scale.lr_shapes:
+                for lr in scale.lrs:
+                    for method in LR_METHODS:
+                        specs.append(RunSpec('lr', method, shape, seed, lr))
+
     if 'lr' in groups:
-        for shape in scale.lr_shapes:
-            for lr in scale.lrs:
-                for method in LR_METHODS:
-                    specs.append(RunSpec('lr', method, shape, scale.seeds[0], lr))
+        lr_runs(scale.lr_seeds[:1])
     if 'reparam' in groups:
         for seed in scale.reparam_seeds:
             for shape in scale.reparam_shapes:
@@ -163,6 +169,8 @@ def plan(scale: Scale, groups: Sequence[str] = ('main', 'reparam', 'lr')) -> lis
                     specs.append(RunSpec('reparam', method, shape, seed, SETTINGS[METHODS[method][2]]['lr']))
     if 'main' in groups:
         main_runs(scale.seeds[2:])
+    if 'lr' in groups:
+        lr_runs(scale.lr_seeds[1:])
     return specs
 
 
@@ -521,21 +529,25 @@ def table_reparam(rows: list[dict]) -> str:
 
 
 def table_lr(rows: list[dict]) -> str:
-    lines = ['| shape | method | lr | val loss | spikes | diverged |', '|---|---|---|---|---|---|']
+    lines = ['| shape | method | lr | val loss | runs with a spike | spikes | diverged | seeds |',
+             '|---|---|---|---|---|---|---|---|']
     sel = [r for r in rows if r['group'] == 'lr']
-    shapes = sorted({r['shape'] for r in sel})
     summary = []
-    for shape in shapes:
+    for shape in sorted({r['shape'] for r in sel}):
         seeds = {r['seed'] for r in sel if r['shape'] == shape}
         for method in LR_METHODS:
             runs = [r for r in _select(rows, group='main', shape=shape, method=method) if r['seed'] in seeds]
             runs += _select(sel, shape=shape, method=method)
-            runs.sort(key=lambda r: r['lr'])
-            for r in runs:
-                lines.append(f'| {shape} | {METHODS[method][0]} | {r["lr"]:g} | {r["val_loss"]:.3f} | {r["spikes"]} | '
-                             f'{"yes" if r["diverged"] else "no"} |')
-            clean = [r['lr'] for r in runs if r['spikes'] == 0 and not r['diverged']]
-            summary.append(f'- {shape}, {METHODS[method][0]}: largest lr without a spike or divergence: '
+            clean = []
+            for lr in sorted({r['lr'] for r in runs}):
+                at = [r for r in runs if r['lr'] == lr]
+                spiked = sum(1 for r in at if r['spikes'])
+                div = sum(r['diverged'] for r in at)
+                lines.append(f'| {shape} | {METHODS[method][0]} | {lr:g} | {_ms([r["val_loss"] for r in at])} | '
+                             f'{spiked} / {len(at)} | {sum(r["spikes"] for r in at)} | {div} / {len(at)} | {len(at)} |')
+                if not spiked and not div:
+                    clean.append(lr)
+            summary.append(f'- {shape}, {METHODS[method][0]}: largest lr with no spike or divergence in any seed: '
                            f'{max(clean):g}' if clean else
                            f'- {shape}, {METHODS[method][0]}: every lr tried spiked or diverged')
     return '\n'.join(lines + [''] + summary)
