@@ -60,7 +60,11 @@ class Run:
 
 
 def load_runs(tracking_uri: str, runs: Sequence[str] = (), experiment: Optional[str] = None) -> list[Run]:
-    """Runs by name or id from the MLflow store at ``tracking_uri``; all runs of ``experiment`` if none named."""
+    """Runs by name or id (in that order) from the MLflow store at ``tracking_uri``.
+
+    With no names: every run of ``experiment`` (or of the store), oldest first. A name used by
+    several runs picks the newest of them.
+    """
     from mlflow.tracking import MlflowClient
 
     if '://' not in tracking_uri and not tracking_uri.startswith('file:'):
@@ -76,7 +80,7 @@ def load_runs(tracking_uri: str, runs: Sequence[str] = (), experiment: Optional[
         experiments = chosen
     found = client.search_runs([e.experiment_id for e in experiments], max_results=10000) if experiments else []
     if not runs:
-        selected = found
+        selected = sorted(found, key=lambda r: r.info.start_time or 0)
         if not selected:
             raise ValueError(f'No runs in {tracking_uri} (experiments: {[e.name for e in experiments]}).')
     else:
@@ -87,10 +91,7 @@ def load_runs(tracking_uri: str, runs: Sequence[str] = (), experiment: Optional[
                 names = sorted({r.info.run_name for r in found})
                 raise ValueError(f'No run named or with id {wanted!r} in {tracking_uri}; runs are: {names}.')
             selected.append(max(matches, key=lambda r: r.info.start_time or 0))  # the newest of a name
-    return [
-        Run(r.info.run_id, r.info.run_name or r.info.run_id, sorted(r.data.metrics), client)
-        for r in sorted(selected, key=lambda r: r.info.start_time or 0)
-    ]
+    return [Run(r.info.run_id, r.info.run_name or r.info.run_id, sorted(r.data.metrics), client) for r in selected]
 
 
 def _shorten(keys: list[str], limit: int = 12) -> str:
