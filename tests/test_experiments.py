@@ -128,6 +128,6 @@ def test_render_reproduces_the_tables_from_a_results_file(tmp_path):
     # mean ± sample std over the two seeds, the delta against Small init, the spike total
     assert '| Small init (rapid) | 5.100 ± 0.141 |' in text
     assert '| WeSaR | 4.600 ± 0.141 |' in text and '| -0.500 | 0 | 2 |' in text
-    assert '| base | WeSaR | 0.03 | nan | 1 / 1 | 2 | 1 / 1 | 1 |' in text
+    assert '| base | WeSaR | 0.03 | - | 1 / 1 | 2 | 1 / 1 | 1 |' in text  # no finite loss: '-'
     assert 'base, WeSaR: largest lr with no spike or divergence in any seed: 0.001' in text
     assert 'base, Small init (rapid): every lr tried spiked or diverged' in text
