@@ -98,7 +98,7 @@ class Scale:
 
 
 FULL = Scale(vocab_size=1024, seq_len=64, batch=16, steps=240, eval_batches=8, monitor_interval=4,
-             seeds=(0, 1, 2), lrs=(3e-3, 1e-2, 3e-2), shapes=('base', 'deep'), lr_shapes=('deep', 'base'),
+             seeds=(0, 1, 2), lrs=(3e-4, 3e-3, 1e-2, 3e-2), shapes=('base', 'deep'), lr_shapes=('deep', 'base'),
              reparam_shapes=('base',), reparam_seeds=(0, 1, 2), lr_seeds=(0, 1, 2))
 QUICK = Scale(vocab_size=512, seq_len=64, batch=4, steps=8, eval_batches=1, monitor_interval=2,
               seeds=(0,), lrs=(1e-2,), shapes=('base', 'deep'), lr_shapes=('base',),
