@@ -684,7 +684,9 @@ def plot_figures(out_dir: Path, rows: list[dict]) -> list[str]:
         written.append(str(path))
 
         monitored = [r for r in _select(rows, group='main', shape=shape) if r['run_id']]
-        if monitored:
+        if monitored and not (out_dir / 'mlruns').is_dir():
+            _say(f'{out_dir / "mlruns"} not found: update-ratio pictures of {shape} left as they are')
+        elif monitored:
             tracking_uri = str((out_dir / 'mlruns').resolve())
             runs = plotting.load_runs(tracking_uri, [r['run_id'] for r in monitored])
             for run, r in zip(runs, monitored):
