@@ -705,14 +705,17 @@ def plot_figures(out_dir: Path, rows: list[dict]) -> list[str]:
             for i, method in enumerate(LR_METHODS):
                 runs = [r for r in _select(rows, group='main', shape=shape, method=method) if r['seed'] in seeds]
                 runs = sorted(runs + _select(sweep, shape=shape, method=method), key=lambda r: r['lr'])
-                lrs = [r['lr'] for r in runs]
-                losses = [r['val_loss'] if math.isfinite(r['val_loss']) else np.nan for r in runs]
-                ax.plot(lrs, losses, 'o-', color=f'C{i}', label=METHODS[method][0])
-                for r in runs:
-                    if r['spikes'] or r['diverged']:
-                        ax.annotate(f'{r["spikes"]} spike(s)' + (', diverged' if r['diverged'] else ''),
-                                    (r['lr'], r['val_loss'] if math.isfinite(r['val_loss']) else 0), fontsize=7,
-                                    color=f'C{i}', xytext=(4, 6 * (1 if i else -1)), textcoords='offset points')
+                grid = sorted({r['lr'] for r in runs})
+                means = [_stats([r['val_loss'] for r in runs if r['lr'] == lr])[0] for lr in grid]
+                ax.plot(grid, means, '-', color=f'C{i}', label=f'{METHODS[method][0]} (mean; dots: seeds)')
+                ax.plot([r['lr'] for r in runs], [r['val_loss'] for r in runs], 'o', color=f'C{i}', ms=4, alpha=0.6)
+                for lr, mean in zip(grid, means):
+                    at = [r for r in runs if r['lr'] == lr]
+                    spikes, div = sum(r['spikes'] for r in at), sum(r['diverged'] for r in at)
+                    if spikes or div:
+                        ax.annotate(f'{spikes} spike(s)' + (f', {div} diverged' if div else '') + f' in {len(at)} runs',
+                                    (lr, mean if math.isfinite(mean) else ax.get_ylim()[1]), fontsize=7, color=f'C{i}',
+                                    xytext=(-110, -4), textcoords='offset points')
             ax.set(xscale='log', xlabel='peak learning rate', ylabel='validation loss', title=f'lr sweep, {shape}')
             ax.legend(fontsize=8)
         fig.tight_layout()
