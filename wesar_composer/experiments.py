@@ -674,7 +674,8 @@ def plot_figures(out_dir: Path, rows: list[dict]) -> list[str]:
             ax.plot(tokens, mean, label=f'{METHODS[method][0]} ({len(curves)} seeds)', color=f'C{i}', lw=1.2)
             if len(curves) > 1:
                 ax.fill_between(tokens, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), color=f'C{i}', alpha=0.15)
-        d, n_layers = sel[0]['d_model'], sel[0]['n_layers']
+        first = _select(rows, group='main', shape=shape)[0]
+        d, n_layers = first['d_model'], first['n_layers']
         ax.set(xlabel='training tokens', ylabel='training loss', title=f'{shape}: d {d}, {n_layers} layers (mean; band: min-max over seeds)')
         ax.legend(fontsize=7, loc='lower left')
         path = fig_dir / f'loss_{shape}.png'
