@@ -19,8 +19,8 @@ finished ones), then the figures are drawn and the generated tables of the resul
 refreshed.
 
     wesar-experiments --quick --out /tmp/repro            # a few minutes: the pipeline end to end
-    wesar-experiments --out docs/reproduction --jobs 2    # the full grid (about an hour on 2 cores)
-    wesar-experiments --render docs/reproduction --page docs/reproduction.md   # tables only
+    wesar-experiments --out runs/reproduction --jobs 2    # the full grid: 96 runs, under an hour on 2 cores
+    wesar-experiments --render docs/reproduction --page docs/reproduction.md   # figures and page tables only
 """
 
 from __future__ import annotations
