@@ -69,11 +69,12 @@ def _output_scaled(module: GatedLinear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, module.weight, module.bias) * module.row_gates().view(-1)
 
 
-def step(model, optimizer, batch, device: str) -> float:
+def step(model, optimizer, batch, device: str, zero_grad: bool = True) -> float:
     if device == 'cuda':
         torch.cuda.synchronize()
     start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
+    if zero_grad:
+        optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
         loss = model.loss(model(batch), batch)
     loss.backward()
@@ -123,10 +124,11 @@ def peak_memory(model, optimizer, batch, device: str) -> float:
         torch.cuda.reset_peak_memory_stats()
         step(model, optimizer, batch, device)
         return torch.cuda.max_memory_allocated() / 2**20
-    step(model, optimizer, batch, device)  # gradients and optimizer state exist from here on
+    step(model, optimizer, batch, device)  # optimizer state exists from here on
+    optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the profile
     persistent = sum(t.numel() * t.element_size() for t in _persistent_tensors(model, optimizer))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(model, optimizer, batch, device)
+        step(model, optimizer, batch, device, zero_grad=False)
     running = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         running += event.self_cpu_memory_usage  # allocations positive, frees ('[memory]') negative
