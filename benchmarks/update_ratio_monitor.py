@@ -133,14 +133,19 @@ def main() -> None:
     parser.add_argument('--steps', type=int, default=20, help='measured steps per run (after --warmup)')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--rounds', type=int, default=2)
+    parser.add_argument('--settings', nargs='+', default=list(SETTINGS), choices=SETTINGS,
+                        help="which runs: 'none', '1', '10' (log_interval), '2' (the paired run)")
     parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.seq, args.batch, args.steps, args.warmup)))
         return
-    runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
+    settings = [s for s in SETTINGS if s in args.settings]
+    if 'none' not in settings:
+        parser.error("--settings must include 'none', the baseline")
+    runs: dict[str, list[dict]] = {s: [] for s in settings}
     for round_ in range(args.rounds):
-        for setting in SETTINGS:
+        for setting in settings:
             cmd = [sys.executable, __file__, '--child', setting, '--seq', str(args.seq), '--batch', str(args.batch),
                    '--steps', str(args.steps), '--warmup', str(args.warmup)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
@@ -158,14 +163,14 @@ def main() -> None:
     base_rss = max(r['peak_rss_mb'] for r in runs['none'])
     print(f'{"monitor":>12} | {"wall s/step":>11} {"vs none":>8} | {"CPU s/step":>10} {"vs none":>8} | '
           f'{"in monitor: wall s":>18} {"CPU s":>6} {"CPU share":>9} | {"peak RSS MB":>11} {"vs none":>8}')
-    for setting in SETTINGS[:3]:
+    for setting in [s for s in settings if s != '2']:
         wall, cpu = statistics.fmean(pooled(setting, 'wall')), statistics.fmean(pooled(setting, 'cpu'))
         monitor_wall, monitor_cpu = statistics.fmean(pooled(setting, 'monitor_wall')), statistics.fmean(pooled(setting, 'monitor_cpu'))
         rss = max(r['peak_rss_mb'] for r in runs[setting])
         label = 'none' if setting == 'none' else f'interval {setting}'
         print(f'{label:>12} | {wall:11.2f} {100 * (wall / base_wall - 1):+7.1f}% | {cpu:10.2f} {100 * (cpu / base_cpu - 1):+7.1f}% | '
               f'{monitor_wall:18.3f} {monitor_cpu:6.3f} {100 * monitor_cpu / base_cpu:8.2f}% | {rss:11.0f} {rss - base_rss:+8.0f}')
-    for key, unit in (('wall', 'wall'), ('cpu', 'CPU')):
+    for key, unit in (('wall', 'wall'), ('cpu', 'CPU')) if '2' in runs else ():
         logging, quiet = [], []
         for r in runs['2']:
             for i, t in enumerate(r[key]):
