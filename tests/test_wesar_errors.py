@@ -115,3 +115,13 @@ def test_user_role_map_extends_to_other_names():
     down = model.h[1].c_proj
     assert down.roles == ('d',)
     assert down.gate.item() == pytest.approx(math.sqrt(2 / 32) / math.sqrt(4) / math.sqrt(4e-5), rel=1e-6)
+
+
+def test_refuses_a_model_another_method_already_changed():
+    from wesar_composer import apply_paper_init
+
+    model = apply_paper_init(mpt(n_layers=2), backbone='small')
+    before = snapshot(model)
+    with pytest.raises(ValueError, match='paper_init is already applied to this model'):
+        apply_wesar(model)
+    assert_unchanged(model, before)

@@ -85,9 +85,16 @@ def apply_wesar(
     optimizers = ensure_tuple(optimizers) if optimizers is not None else ()
     if len(optimizers) > 1:
         raise ValueError(f'apply_wesar supports one optimizer, got {len(optimizers)}.')
-    already = [name for name, m in unwrap(model).named_modules() if isinstance(m, GATED_MODULES)]
-    if already:
-        raise ValueError(f'WeSaR is already applied to this model (gated modules such as {already[0]!r}).')
+    from wesar_composer.algorithms.reparam.common import applied_method  # imports this module
+
+    applied = applied_method(model)
+    if applied and applied[0] == 'wesar':
+        raise ValueError(f'WeSaR is already applied to this model (gated modules such as {applied[1]!r}).')
+    if applied:
+        raise ValueError(
+            f'{applied[0]} is already applied to this model ({applied[1]!r}); WeSaR replaces such a method '
+            'rather than stacking on it: name one of them in algorithms.',
+        )
     shape = model_shape(model)
     specs = find_matrices(model, role_map)
     if not specs:
