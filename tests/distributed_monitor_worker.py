@@ -82,7 +82,7 @@ def run_ddp(out_dir):
         optimizers=DecoupledAdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=1e-5),
         max_duration=f'{STEPS}ba',
         algorithms=[WeSaR(), GradientClipping(clipping_type='norm', clipping_threshold=1.0)],
-        callbacks=[UpdateRatioMonitor(log_interval=1), recorder],
+        callbacks=[UpdateRatioMonitor(log_interval=1, families='all', layers='all'), recorder],
         loggers=[logger],
         device='cpu',
         seed=17,
@@ -114,9 +114,9 @@ def run_sharded(out_dir):
         model = apply_wesar(mpt(d_model=64, n_layers=2, kv_n_heads=2, seed=3))
         replica = apply_wesar(mpt(d_model=64, n_layers=2, kv_n_heads=2, seed=3))
         replica.load_state_dict(model.state_dict())
-        reference = UpdateRatioMonitor(log_interval=1)
+        reference = UpdateRatioMonitor(log_interval=1, families='all', layers='all')
         reference.attach(replica)
-        monitor = UpdateRatioMonitor(log_interval=1)
+        monitor = UpdateRatioMonitor(log_interval=1, families='all', layers='all')
         monitor.discover(model)  # before sharding, as at Event.INIT
         specs = find_matrices(model)
         if mode == 'fsdp1':

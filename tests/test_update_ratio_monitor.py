@@ -18,6 +18,8 @@ from wesar_composer.roles import find_matrices
 N_LAYERS = 2
 LAYER_ROLES = ('q', 'k', 'v', 'o', 'u', 'd')
 FAMILIES = ('update_ratio', 'param_norm', 'grad_norm')
+FULL = {'families': 'all', 'layers': 'all'}  # every key of every matrix
+SUMMARIES = {'update_ratio/max', 'update_ratio/last_layer_d_over_u'} | {f'update_ratio/mean_{r}' for r in LAYER_ROLES}
 
 
 class TokenBatches(torch.utils.data.Dataset):
@@ -60,7 +62,7 @@ def expected_keys(gated: bool, tied: bool) -> set:
     keys = {f'{family}/{s}' for family in FAMILIES for s in suffixes + ([] if tied else ['p'])}
     if gated:
         keys |= {f'gate/{s}' for s in suffixes + ['p']}  # a tied head has its own gate, but shares W_e
-    return keys | {'update_ratio/max', 'update_ratio/last_layer_d_over_u'}
+    return keys | SUMMARIES
 
 
 def monitor_keys(data) -> set:
@@ -70,7 +72,7 @@ def monitor_keys(data) -> set:
 @pytest.mark.parametrize('gated,tied', [(True, False), (False, False), (True, True)])
 def test_every_key_logged_at_the_interval_finite_and_positive(gated, tied):
     model = mpt(d_model=64, n_layers=N_LAYERS, tie_word_embeddings=tied)
-    data = fit(model, [UpdateRatioMonitor(log_interval=2)], batches=5, algorithms=[WeSaR()] if gated else [])
+    data = fit(model, [UpdateRatioMonitor(log_interval=2, **FULL)], batches=5, algorithms=[WeSaR()] if gated else [])
     assert monitor_keys(data) == expected_keys(gated, tied)
     for key in expected_keys(gated, tied):
         steps = [timestamp.batch.value for timestamp, _ in data[key]]
@@ -116,11 +118,11 @@ def test_sgd_update_ratio_is_lr_times_clipped_grad_norm_over_param_norm():
     model = mpt(d_model=64, n_layers=N_LAYERS)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
     data = fit(
-        model, [UpdateRatioMonitor(log_interval=1)], batches=3, optimizer=optimizer,
+        model, [UpdateRatioMonitor(log_interval=1, **FULL)], batches=3, optimizer=optimizer,
         algorithms=[WeSaR(), GradientClipping(clipping_type='norm', clipping_threshold=threshold)],
     )
     suffixes = [k.removeprefix('update_ratio/') for k in data if k.startswith('update_ratio/') and k.count('/') >= 1]
-    suffixes = [s for s in suffixes if s not in ('max', 'last_layer_d_over_u')]
+    suffixes = [s for s in suffixes if f'update_ratio/{s}' not in SUMMARIES]
     assert len(suffixes) == N_LAYERS * len(LAYER_ROLES) + 2
     for step in range(3):
         total_sq = 0.0
@@ -149,7 +151,7 @@ class WeightRecorder(Callback):
 def test_wesar_ratios_match_weights_copied_by_hand():
     model = mpt(d_model=64, n_layers=N_LAYERS, kv_n_heads=2)  # GQA: k and v slices narrower than q
     recorder = WeightRecorder()
-    data = fit(model, [UpdateRatioMonitor(log_interval=1), recorder], batches=3, algorithms=[WeSaR()])
+    data = fit(model, [UpdateRatioMonitor(log_interval=1, **FULL), recorder], batches=3, algorithms=[WeSaR()])
     checked = 0
     for spec in find_matrices(model):
         name = f'model.{spec.name}.weight'
@@ -172,11 +174,15 @@ def test_wesar_ratios_match_weights_copied_by_hand():
     maxima = [max(v[step][1] for k, v in data.items() if k.startswith('update_ratio/L') or k in ('update_ratio/e', 'update_ratio/p'))
               for step in range(3)]
     assert [v for _, v in data['update_ratio/max']] == pytest.approx(maxima, rel=1e-9)
+    for role in LAYER_ROLES:  # the mean over every layer of one role
+        means = [sum(data[f'update_ratio/L{layer}/{role}'][step][1] for layer in range(N_LAYERS)) / N_LAYERS
+                 for step in range(3)]
+        assert [v for _, v in data[f'update_ratio/mean_{role}']] == pytest.approx(means, rel=1e-9), role
 
 
 def test_first_logged_gates_are_the_wesar_initial_gates():
     model = mpt(d_model=64, n_layers=N_LAYERS)
-    data = fit(model, [UpdateRatioMonitor(log_interval=1)], batches=1, algorithms=[WeSaR()])
+    data = fit(model, [UpdateRatioMonitor(log_interval=1, families=['gate'])], batches=1, algorithms=[WeSaR()])
     sigma, d, n = math.sqrt(4e-5), 64, N_LAYERS
     table1 = {'q': math.sqrt(1 / d), 'o': math.sqrt(1 / (2 * n * d)), 'u': math.sqrt(1 / d), 'd': math.sqrt(2 / (8 * n * d))}
     for role, std in table1.items():
@@ -207,8 +213,8 @@ def test_registered_as_llmfoundry_callback():
 
 def test_llama_style_hf_model_gets_the_same_layout_with_a_glu_gate_projection(tmp_path):
     model = llama(tmp_path, d_model=64, n_heads=4, kv_heads=2, n_layers=N_LAYERS)
-    data = fit(model, [UpdateRatioMonitor(log_interval=1)], batches=2, algorithms=[WeSaR()])
+    data = fit(model, [UpdateRatioMonitor(log_interval=1, **FULL)], batches=2, algorithms=[WeSaR()])
     suffixes = [f'L{layer}/{role}' for layer in range(N_LAYERS) for role in LAYER_ROLES + ('g',)] + ['e', 'p']
     expected = {f'{family}/{s}' for family in FAMILIES + ('gate',) for s in suffixes}
-    assert monitor_keys(data) == expected | {'update_ratio/max', 'update_ratio/last_layer_d_over_u'}
+    assert monitor_keys(data) == expected | SUMMARIES | {'update_ratio/mean_g'}
     assert all(len(data[key]) == 2 and all(v > 0 and math.isfinite(v) for _, v in data[key]) for key in expected)

@@ -8,8 +8,12 @@ Reads the keys that :class:`~wesar_composer.callbacks.UpdateRatioMonitor` logs a
 - ``param_norm_L{layer}.png``: ||W_d|| and ||W_u|| of that layer over steps (Figure 3).
 - ``update_ratio_heatmap.png``: layers x roles, the mean update ratio over the logged steps,
   one panel per run on a shared log color scale; e and p in the panel titles.
+- ``spike_post_mortem.png`` (runs with loss spikes only): for each spike, the matrices whose
+  update ratio rose most before it, from the tables ``LossSpikeCounter`` logs; the spikes are
+  also marked on the update-ratio picture.
 
-Several runs overlay with a legend (for example the Small-init baseline and WeSaR).
+Several runs overlay with a legend outside the axes (for example the Small-init baseline and
+WeSaR); with no runs named, the newest run of each name in the store.
 
     wesar-plot --tracking-uri ./mlruns --runs baseline wesar --out plots/
 """
@@ -17,11 +21,13 @@ Several runs overlay with a legend (for example the Small-init baseline and WeSa
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
 import statistics
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -30,6 +36,11 @@ LAYERED_ROLES = ('q', 'k', 'v', 'o', 'g', 'u', 'd')
 ROLE_STYLES = {'d': '-', 'u': '--'}
 _REDUCE = {'mean': statistics.fmean, 'median': statistics.median, 'max': max}
 _LAYER_KEY = re.compile(r'^update_ratio/L(\d+)/([a-z])$')
+SPIKE_TABLE_DIR = 'loss_spike'  # LossSpikeCounter's tables: loss_spike/update_ratio_rise_{n}.json
+_SPIKE_TABLE = re.compile(r'^update_ratio_rise_(\d+)\.json$')
+SPIKE_MATRICES = 10  # bars per spike panel
+SPIKE_PANELS = 6  # spike panels per picture: the first spikes of each run
+LEGEND = {'loc': 'upper left', 'bbox_to_anchor': (1.01, 1.0), 'borderaxespad': 0.0}  # outside the axes
 
 
 @dataclass
@@ -58,12 +69,40 @@ class Run:
     def layers(self) -> list[int]:
         return sorted({int(m.group(1)) for k in self.keys if (m := _LAYER_KEY.match(k))})
 
+    def spikes(self) -> list[dict]:
+        """The spike post-mortems of this run, oldest first: ``{'spike', 'batch', 'step', 'baseline_steps',
+        'rows': [(matrix, rise, update_ratio, baseline), ...]}``, read from its MLflow table artifacts."""
+        if 'spikes' not in self._cache:
+            found = []
+            artifacts = self.client.list_artifacts(self.run_id, SPIKE_TABLE_DIR)
+            tables = sorted((int(m.group(1)), a.path) for a in artifacts
+                            if (m := _SPIKE_TABLE.match(os.path.basename(a.path))))
+            if tables:
+                with tempfile.TemporaryDirectory() as tmp:
+                    for _, path in tables:
+                        found.append(_spike_record(json.load(open(self.client.download_artifacts(self.run_id, path, tmp)))))
+            self._cache['spikes'] = found
+        return self._cache['spikes']
+
+
+def _spike_record(table: dict) -> dict:
+    """One post-mortem from an MLflow table (``{'columns': [...], 'data': [[...], ...]}``)."""
+    rows = [dict(zip(table['columns'], row)) for row in table['data']]
+    rows.sort(key=lambda r: r['rank'])
+    first = rows[0]
+    return {
+        'spike': int(first['spike']), 'batch': int(first['batch']), 'step': int(first['step']),
+        'baseline_steps': first['baseline_steps'],
+        'rows': [(r['matrix'], float(r['rise']), float(r['update_ratio']), float(r['baseline'])) for r in rows],
+    }
+
 
 def load_runs(tracking_uri: str, runs: Sequence[str] = (), experiment: Optional[str] = None) -> list[Run]:
     """Runs by name or id (in that order) from the MLflow store at ``tracking_uri``.
 
-    With no names: every run of ``experiment`` (or of the store), oldest first. A name used by
-    several runs picks the newest of them.
+    With no names: the newest run of each run name in ``experiment`` (or in the store), oldest
+    first, so a name that was run again appears once. A name used by several runs picks the
+    newest of them; runs named by id keep their own, and a name shown twice gets its id added.
     """
     from mlflow.tracking import MlflowClient
 
@@ -80,7 +119,10 @@ def load_runs(tracking_uri: str, runs: Sequence[str] = (), experiment: Optional[
         experiments = chosen
     found = client.search_runs([e.experiment_id for e in experiments], max_results=10000) if experiments else []
     if not runs:
-        selected = sorted(found, key=lambda r: r.info.start_time or 0)
+        newest: dict = {}
+        for r in sorted(found, key=lambda r: r.info.start_time or 0):
+            newest[r.info.run_name or r.info.run_id] = r  # later runs of a name replace earlier ones
+        selected = sorted(newest.values(), key=lambda r: r.info.start_time or 0)
         if not selected:
             raise ValueError(f'No runs in {tracking_uri} (experiments: {[e.name for e in experiments]}).')
     else:
@@ -91,7 +133,9 @@ def load_runs(tracking_uri: str, runs: Sequence[str] = (), experiment: Optional[
                 names = sorted({r.info.run_name for r in found})
                 raise ValueError(f'No run named or with id {wanted!r} in {tracking_uri}; runs are: {names}.')
             selected.append(max(matches, key=lambda r: r.info.start_time or 0))  # the newest of a name
-    return [Run(r.info.run_id, r.info.run_name or r.info.run_id, sorted(r.data.metrics), client) for r in selected]
+    names = [r.info.run_name or r.info.run_id for r in selected]
+    labels = [f'{name} ({r.info.run_id[:8]})' if names.count(name) > 1 else name for name, r in zip(names, selected)]
+    return [Run(r.info.run_id, label, sorted(r.data.metrics), client) for r, label in zip(selected, labels)]
 
 
 def _shorten(keys: list[str], limit: int = 12) -> str:
@@ -141,12 +185,16 @@ def plot_update_ratios(runs: list[Run], path: str, layer: Optional[int] = None) 
             steps, values = run.history(f'update_ratio/L{layer}/{role}')
             values = [v if v > 0 else math.nan for v in values]  # no update (lr 0) has no place on a log axis
             bottom.plot(steps, values, style, color=color, label=f'{run.name}: ||dW_{role}|| / ||W_{role}||')
+        for i, spike in enumerate(run.spikes()):
+            for ax in (top, bottom):
+                ax.axvline(spike['batch'], color=color, linestyle=':', linewidth=1,
+                           label=f'{run.name}: loss spikes' if i == 0 and ax is top else None)
     top.set_ylabel('training loss')
-    top.legend()
+    top.legend(fontsize='small', **LEGEND)
     bottom.set_yscale('log')
     bottom.set_ylabel(f'update ratio, layer {layer}')
     bottom.set_xlabel('step')
-    bottom.legend(fontsize='small')
+    bottom.legend(fontsize='small', **LEGEND)
     top.set_title(f'Loss and update ratios of W_d and W_u in layer {layer}')
     return _save(plt, fig, path)
 
@@ -160,7 +208,7 @@ def plot_param_norms(runs: list[Run], path: str, layer: Optional[int] = None) ->
             ax.plot(*run.history(f'param_norm/L{layer}/{role}'), style, color=color, label=f'{run.name}: ||W_{role}||')
     ax.set_ylabel(f'parameter norm, layer {layer}')
     ax.set_xlabel('step')
-    ax.legend(fontsize='small')
+    ax.legend(fontsize='small', **LEGEND)
     ax.set_title(f'Norms of the actual W_d and W_u in layer {layer}')
     return _save(plt, fig, path)
 
@@ -215,6 +263,45 @@ def plot_heatmap(runs: list[Run], path: str, stat: str = 'mean') -> str:
     return _save(plt, fig, path)
 
 
+def plot_spikes(runs: list[Run], path: str, top: int = SPIKE_MATRICES) -> Optional[str]:
+    """The spike post-mortems: per spike, the ``top`` matrices whose update ratio rose most before it.
+
+    One panel per spike (the first spikes of each run, ``SPIKE_PANELS`` in all); bars are
+    rise = ratio at the last logged step before the spike / its median at the earlier kept steps.
+    None (nothing written) when no run has a spike table.
+    """
+    panels = []
+    per_run = max(1, SPIKE_PANELS // max(1, sum(1 for run in runs if run.spikes())))
+    for run, color in zip(runs, _colors(len(runs))):
+        panels += [(run, color, spike) for spike in run.spikes()[:per_run]]
+    panels = panels[:SPIKE_PANELS]
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 0.6 + (0.3 * top + 0.9) * len(panels)), squeeze=False)
+    for ax, (run, color, spike) in zip(axes[:, 0], panels):
+        rows = [r for r in spike['rows'] if math.isfinite(r[1]) and r[1] > 0][:top]
+        names = [r[0] for r in rows][::-1]
+        rises = [r[1] for r in rows][::-1]
+        ax.barh(range(len(rows)), rises, color=color)
+        ax.set_yticks(range(len(rows)), names)
+        ax.set_xscale('log')
+        ax.axvline(1.0, color='grey', linewidth=0.8)
+        for y, (rise, row) in enumerate(zip(rises, rows[::-1])):
+            ax.text(rise, y, f' x{rise:.3g} ({row[3]:.2g} -> {row[2]:.2g})', va='center', fontsize=7)
+        ax.set_title(
+            f'{run.name}: loss spike {spike["spike"]} at batch {spike["batch"]:,}; update ratio at step '
+            f'{spike["step"]:,} over its median at steps {spike["baseline_steps"]}', fontsize='small')
+        ax.margins(x=0.35)
+    axes[-1, 0].set_xlabel('rise of the update ratio ||dW|| / ||W|| before the spike (log scale)')
+    fig.tight_layout()
+    return _save(plt, fig, path)
+
+
 def _save(plt, fig, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches='tight')
@@ -222,14 +309,32 @@ def _save(plt, fig, path: str) -> str:
     return path
 
 
-def plot_runs(runs: list[Run], out_dir: str, layer: Optional[int] = None, stat: str = 'mean') -> list[str]:
-    """All three pictures for ``runs`` into ``out_dir``; returns the paths written."""
+def plot_runs(
+    runs: list[Run],
+    out_dir: str,
+    layer: Optional[int] = None,
+    stat: str = 'mean',
+    notes: Optional[list[str]] = None,
+) -> list[str]:
+    """The pictures for ``runs`` into ``out_dir``; returns the paths written.
+
+    Figure 1 and the heatmap always; Figure 3 when every run logs ``param_norm/`` of the layer;
+    the spike post-mortem when a run has one. What is left out is said in ``notes``.
+    """
     layer = _pick_layer(runs, layer)
-    return [
-        plot_update_ratios(runs, os.path.join(out_dir, f'update_ratio_L{layer}.png'), layer),
-        plot_param_norms(runs, os.path.join(out_dir, f'param_norm_L{layer}.png'), layer),
-        plot_heatmap(runs, os.path.join(out_dir, 'update_ratio_heatmap.png'), stat),
-    ]
+    notes = notes if notes is not None else []
+    written = [plot_update_ratios(runs, os.path.join(out_dir, f'update_ratio_L{layer}.png'), layer)]
+    missing = [run.name for run in runs if f'param_norm/L{layer}/d' not in run.keys]
+    if missing:
+        notes.append(f'param_norm_L{layer}.png left out: runs {missing} log no param_norm/L{layer}/ keys '
+                     "(update_ratio_monitor's families)")
+    else:
+        written.append(plot_param_norms(runs, os.path.join(out_dir, f'param_norm_L{layer}.png'), layer))
+    written.append(plot_heatmap(runs, os.path.join(out_dir, 'update_ratio_heatmap.png'), stat))
+    spikes = plot_spikes(runs, os.path.join(out_dir, 'spike_post_mortem.png'))
+    if spikes is not None:
+        written.append(spikes)
+    return written
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -238,7 +343,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         '--tracking-uri', default=os.environ.get('MLFLOW_TRACKING_URI', './mlruns'),
         help='MLflow store: a local folder (default ./mlruns, or $MLFLOW_TRACKING_URI) or a server URI',
     )
-    parser.add_argument('--runs', nargs='*', default=(), help='run names or ids to overlay (default: all runs)')
+    parser.add_argument('--runs', nargs='*', default=(),
+                        help='run names or ids to overlay (default: the newest run of each name)')
     parser.add_argument('--experiment', default=None, help='only runs of this experiment')
     parser.add_argument('--layer', type=int, default=None, help='layer of the line plots (default: the last; -1 counts back)')
     parser.add_argument('--stat', default='mean', choices=('mean', 'median', 'max'), help='heatmap statistic over steps')
@@ -246,10 +352,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = load_runs(args.tracking_uri, args.runs, args.experiment)
-        paths = plot_runs(runs, args.out, args.layer, args.stat)
+        notes: list[str] = []
+        paths = plot_runs(runs, args.out, args.layer, args.stat, notes)
     except (KeyError, ValueError, FileNotFoundError) as err:
         print(f'wesar-plot: {err.args[0] if err.args else err}', file=sys.stderr)
         return 2
+    for note in notes:
+        print(f'wesar-plot: {note}', file=sys.stderr)
     for path in paths:
         print(path)
     return 0

@@ -19,7 +19,10 @@ DEFAULT_WINDOW_SIZE = 50  # batches of recent loss that set the reference level
 DEFAULT_OUTLIER_MULTIPLIER = 1.5  # a spike: loss >= 1.5 x the reference (KillLossSpike kills at 2 x)
 DEFAULT_MIN_HISTORY = 10  # losses needed before detection starts
 DEFAULT_LOG_INTERVAL = 1
+DEFAULT_NAME_MATRICES = 5  # matrices named in the post-mortem of a spike
 LOSS_KEY = 'loss/train/total'
+POST_MORTEM_TABLE = 'loss_spike/update_ratio_rise_{count}'  # table name; MLflow stores it as <name>.json
+POST_MORTEM_COLUMNS = ['spike', 'batch', 'rank', 'matrix', 'rise', 'update_ratio', 'baseline', 'step', 'baseline_steps']
 
 
 class LossSpikeCounter(Callback):
@@ -38,6 +41,14 @@ class LossSpikeCounter(Callback):
     the level before the spike, so a long excursion counts once), and detection starts after
     ``min_history`` losses rather than a full window (spikes early in training count too).
 
+    Post-mortem: when a spike starts at batch b and an :class:`UpdateRatioMonitor` is among the
+    callbacks, the counter names the ``name_matrices`` matrices whose update ratio rose most:
+    the ratio at the monitor's last logged step before b over its median at the logged steps
+    kept before that (:meth:`UpdateRatioMonitor.ratio_rise`). It writes them in the run's log
+    (``Loss spike 1 at batch 1,234: ... rose most: L39/d x5.2, L38/d x4.9, ...``) and logs the
+    full ranking as a table ``loss_spike/update_ratio_rise_{n}`` through Composer's logger
+    (``Logger.log_table``: an MLflow JSON artifact; ``wesar-plot`` draws it).
+
     +-------------------------------+---------------------------------------------------+
     | Key                           | Logged value                                      |
     +===============================+===================================================+
@@ -53,6 +64,8 @@ class LossSpikeCounter(Callback):
         log_interval: log every ``log_interval`` batches; detection runs on every batch.
         stop_after: ``None`` (default) never stops training; an integer n stops it
             (``state.stop_training()``, a normal end with checkpoints) when the n-th spike starts.
+        name_matrices: matrices named in the log line of a spike's post-mortem (the table holds
+            all of them); 0 turns the post-mortem off. Default 5.
     """
 
     def __init__(
@@ -62,6 +75,7 @@ class LossSpikeCounter(Callback):
         min_history: int = DEFAULT_MIN_HISTORY,
         log_interval: int = DEFAULT_LOG_INTERVAL,
         stop_after: Optional[int] = None,
+        name_matrices: int = DEFAULT_NAME_MATRICES,
     ):
         for name, value in (('window_size', window_size), ('log_interval', log_interval)):
             if not _positive_int(value):
@@ -73,11 +87,15 @@ class LossSpikeCounter(Callback):
             raise ValueError(f'outlier_multiplier must be a finite number above 1, got {outlier_multiplier!r}.')
         if stop_after is not None and not _positive_int(stop_after):
             raise ValueError(f'stop_after must be None (never stop) or a positive integer, got {stop_after!r}.')
+        if not (_positive_int(name_matrices) or (type(name_matrices) is int and name_matrices == 0)):
+            raise ValueError(f'name_matrices must be an integer >= 0 (0: no post-mortem), got {name_matrices!r}.')
         self.window_size = window_size
         self.outlier_multiplier = float(outlier_multiplier)
         self.min_history = min_history
         self.log_interval = log_interval
         self.stop_after = stop_after
+        self.name_matrices = name_matrices
+        self.post_mortems: list[dict[str, Any]] = []  # one per spike: batch, step, baseline_steps, rows
         self.count = 0
         self.outlier_batches = 0
         self.in_spike = False
@@ -88,9 +106,11 @@ class LossSpikeCounter(Callback):
         loss = _train_loss(state)
         ratio = self.update(loss)
         if self.spike_started:
+            batch = state.timestamp.batch.value
             log.warning(
-                'Loss spike %d at batch %d: loss %.4g is %.3g x the recent mean.',
-                self.count, state.timestamp.batch.value, loss, ratio if ratio is not None else float('nan'),
+                'Loss spike %d at batch %s: loss %.4g is %.3g x the recent mean.%s',
+                self.count, f'{batch:,}', loss, ratio if ratio is not None else float('nan'),
+                self._post_mortem(state, logger, batch) if self.name_matrices else '',
             )
             if self.stop_after is not None and self.count >= self.stop_after:
                 log.warning('Stopping training: %d loss spikes (stop_after=%d).', self.count, self.stop_after)
@@ -101,6 +121,30 @@ class LossSpikeCounter(Callback):
         if ratio is not None:
             metrics['loss_spike/ratio'] = ratio
         logger.log_metrics(metrics)
+
+    def _post_mortem(self, state: State, logger: Logger, batch: int) -> str:
+        """Name the matrices whose update ratio rose most before the spike; log the ranking as a table."""
+        from wesar_composer.callbacks.update_ratio_monitor import UpdateRatioMonitor
+
+        monitor = next((c for c in state.callbacks if isinstance(c, UpdateRatioMonitor)), None)
+        if monitor is None:
+            return ' (Add update_ratio_monitor to name the matrices whose update ratio rose.)'
+        rise = monitor.ratio_rise(before_batch=batch)
+        if rise is None:
+            return (f' Update ratios: fewer than two logged steps before batch {batch:,} '
+                    f'(log_interval {monitor.log_interval}), nothing to compare.')
+        span = f'{rise.baseline_steps[0]:,}-{rise.baseline_steps[-1]:,}' if len(rise.baseline_steps) > 1 \
+            else f'{rise.baseline_steps[0]:,}'
+        rows = [
+            [self.count, batch, rank, key, value, ratio, baseline, rise.step, span]
+            for rank, (key, value, ratio, baseline) in enumerate(rise.rows, start=1)
+        ]
+        self.post_mortems.append({'spike': self.count, 'batch': batch, 'step': rise.step,
+                                  'baseline_steps': list(rise.baseline_steps), 'rows': rise.rows})
+        logger.log_table(POST_MORTEM_COLUMNS, rows, name=POST_MORTEM_TABLE.format(count=self.count), step=batch)
+        named = ', '.join(f'{key} x{value:.3g}' for key, value, _, _ in rise.top(self.name_matrices))
+        return (f' Update ratios that rose most (step {rise.step:,} over the median of steps {span}): '
+                f'{named}.')
 
     def update(self, loss: float) -> Optional[float]:
         """Feed one loss; returns loss / reference once detection has started (else None)."""

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
+from collections import deque
+from collections.abc import Mapping as MappingABC
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as torch_dist
@@ -21,9 +25,15 @@ __all__ = ['UpdateRatioMonitor']
 
 DEFAULT_LOG_INTERVAL = 10  # batches, as Composer's OptimizerMonitor
 _CHUNK = 1 << 18  # elements per norm: keeps float32 norms of large matrices accurate
-PREFIXES = ('update_ratio', 'param_norm', 'grad_norm', 'gate')
+PREFIXES = ('update_ratio', 'param_norm', 'grad_norm', 'gate')  # the per-matrix key families
+DEFAULT_FAMILIES = ('update_ratio', 'param_norm')  # sort after loss/ on an alphabetical dashboard
+DEFAULT_LAYERS = (0, -1)  # first and last layer per matrix; every layer enters the summaries
+DEFAULT_HISTORY = 16  # logged steps of every matrix's update ratio kept for the spike post-mortem
+ALL = 'all'
 SUMMARY_MAX = 'update_ratio/max'
 SUMMARY_D_OVER_U = 'update_ratio/last_layer_d_over_u'
+SUMMARY_MEAN = 'update_ratio/mean_{role}'  # mean over layers of one role's update ratio
+LayersArg = Union[str, Sequence[int], Mapping[str, int]]
 # Module-name segments that wrappers insert (FSDP, activation checkpointing, torch.compile).
 _WRAPPER_SEGMENTS = frozenset({'_fsdp_wrapped_module', '_checkpoint_wrapped_module', '_orig_mod'})
 
@@ -40,6 +50,24 @@ class _Matrix:
     roles: tuple[str, ...]
     module: Optional[nn.Module] = field(default=None, repr=False)
     gates: list[tuple[tuple[str, ...], torch.Tensor]] = field(default_factory=list, repr=False)  # (keys, gate)
+
+
+@dataclass
+class RatioRise:
+    """How much each matrix's update ratio rose by a given batch: the spike post-mortem.
+
+    ``rows`` are ``(key, rise, ratio, baseline)`` sorted by ``rise``, largest first:
+    ``ratio`` is the update ratio at ``step`` (the last logged step before the batch asked
+    about), ``baseline`` the median of its update ratios at ``baseline_steps`` (the logged steps
+    before ``step`` still in the monitor's history) and ``rise = ratio / baseline``.
+    """
+
+    step: int
+    baseline_steps: tuple[int, ...]
+    rows: list[tuple[str, float, float, float]]
+
+    def top(self, n: int) -> list[tuple[str, float, float, float]]:
+        return self.rows[:n]
 
 
 class UpdateRatioMonitor(Callback):
@@ -94,19 +122,60 @@ class UpdateRatioMonitor(Callback):
     each rank holds a shard: the monitor sums squares over its part of every matrix and slice
     and all-reduces one vector over the shard group, as Composer's ``OptimizerMonitor`` does.
 
+    Volume: every matrix is measured on a logging batch, but only some keys are logged, so a
+    40-layer model's dashboard stays readable. By default: the summary keys, and
+    ``update_ratio/`` and ``param_norm/`` of the first and last layer and of e and p (36 keys a
+    step for a 40-layer MPT instead of 970). ``families='all', layers='all'`` logs every key.
+
     Args:
         log_interval: log every ``log_interval`` batches (batches ``log_interval``,
             ``2 * log_interval``, ...). Default 10.
         role_map: extra ``{regex: role}`` entries for module names the default role map misses;
             give the WeSaR algorithm the same map.
+        families: the per-matrix key families to log, a list drawn from ``update_ratio``,
+            ``param_norm``, ``grad_norm`` and ``gate``, or ``'all'``; ``[]`` logs the summary keys
+            only. Default ``['update_ratio', 'param_norm']``.
+        layers: the layers whose matrices get per-matrix keys: ``'all'``, a list of layer
+            indices (negative ones count back from the last: ``[0, -1]``, the default), or
+            ``{'every': k}`` for layers 0, k, 2k, ... and the last. e and p are logged with their
+            families whatever the layers.
+        summaries: log ``update_ratio/max``, ``update_ratio/last_layer_d_over_u`` and
+            ``update_ratio/mean_{role}`` (over every layer, logged or not). Default True.
+        history: logged steps of every matrix's update ratio kept in memory (logged as metrics
+            or not) for :meth:`ratio_rise`, the matrices that ``LossSpikeCounter`` names when a
+            spike starts. At least 2. Default 16.
     """
 
-    def __init__(self, log_interval: int = DEFAULT_LOG_INTERVAL, role_map: Optional[Mapping[str, str]] = None):
+    def __init__(
+        self,
+        log_interval: int = DEFAULT_LOG_INTERVAL,
+        role_map: Optional[Mapping[str, str]] = None,
+        families: Union[str, Sequence[str]] = DEFAULT_FAMILIES,
+        layers: LayersArg = DEFAULT_LAYERS,
+        summaries: bool = True,
+        history: int = DEFAULT_HISTORY,
+    ):
         if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 1:
             raise ValueError(f'log_interval must be a positive integer (batches), got {log_interval!r}.')
         merged_role_map(role_map)  # validates the entries now, before training starts
+        self.families = _check_families(families)
+        self.layers = _check_layers(layers)
+        if not isinstance(summaries, bool):
+            raise ValueError(f'summaries must be true or false, got {summaries!r}.')
+        if not self.families and not summaries:
+            raise ValueError(
+                'families is empty and summaries is false: nothing would be logged. '
+                f'Name families from {list(PREFIXES)} or set summaries: true.',
+            )
+        if isinstance(history, bool) or not isinstance(history, int) or history < 2:
+            raise ValueError(f'history must be an integer >= 2 (logged steps kept), got {history!r}.')
         self.log_interval = log_interval
         self.role_map = dict(role_map) if role_map else None
+        self.summaries = summaries
+        self.history = history
+        self._history: deque[tuple[int, list[float]]] = deque(maxlen=history)  # (batch, ratio per key)
+        self._latest_ratios: Optional[list[float]] = None
+        self._logged: frozenset[str] = frozenset()  # key suffixes ('L3/q', 'e') with per-matrix keys
         self._matrices: Optional[list[_Matrix]] = None
         self._model: Optional[nn.Module] = None
         self._shard_info: dict[int, tuple[int, int]] = {}  # FSDP1: id(param) -> (flat start, global numel)
@@ -133,6 +202,49 @@ class UpdateRatioMonitor(Callback):
         if self._snapshot is None:
             return
         logger.log_metrics(self.end_step())
+        self._history.append((state.timestamp.batch.value, self._latest_ratios))
+
+    # --- the spike post-mortem -----------------------------------------------------------------
+
+    @property
+    def keys(self) -> list[str]:
+        """Every measured matrix (slice) as its key suffix, ``'L3/q'`` or ``'e'``, in model order."""
+        if self._matrices is None:
+            raise RuntimeError('UpdateRatioMonitor has not seen the model yet (it reads it at Event.INIT).')
+        return [key for m in self._matrices for key in m.keys]
+
+    @property
+    def logged_keys(self) -> frozenset[str]:
+        """The key suffixes that get per-matrix keys under the ``families`` and ``layers`` chosen."""
+        return self._logged
+
+    def ratio_history(self) -> list[tuple[int, dict[str, float]]]:
+        """The kept logged steps, oldest first: ``(batch, {key suffix: update ratio})`` for every matrix."""
+        keys = self.keys
+        return [(step, dict(zip(keys, ratios))) for step, ratios in self._history]
+
+    def ratio_rise(self, before_batch: Optional[int] = None) -> Optional[RatioRise]:
+        """Which update ratios rose most: each matrix's ratio at the last logged step before
+        ``before_batch`` over the median of its ratios at the kept steps before that one.
+
+        The loss of batch b is computed with the weights of steps 1 .. b-1, so the steps that can
+        explain a spike at batch b are those before it. None when fewer than two steps are kept.
+        """
+        entries = [(s, r) for s, r in self._history if before_batch is None or s < before_batch]
+        if len(entries) < 2:
+            return None
+        (step, latest), earlier = entries[-1], entries[:-1]
+        rows = []
+        for i, key in enumerate(self.keys):
+            baseline = statistics.median(r[i] for _, r in earlier)
+            ratio = latest[i]
+            if baseline > 0:
+                rise = ratio / baseline
+            else:
+                rise = math.inf if ratio > 0 else math.nan
+            rows.append((key, rise, ratio, baseline))
+        rows.sort(key=lambda row: (math.isnan(row[1]), -row[1] if not math.isnan(row[1]) else 0.0))
+        return RatioRise(step=step, baseline_steps=tuple(s for s, _ in earlier), rows=rows)
 
     # --- measurement, usable outside a Trainer ----------------------------------------------
 
@@ -162,7 +274,10 @@ class UpdateRatioMonitor(Callback):
                 f'UpdateRatioMonitor found no weight matrix with a role in {type(unwrap(model)).__name__}; '
                 'pass role_map={regex: role} naming its modules.',
             )
+        layers = _resolve_layers(self.layers, sorted({m.layer for m in matrices if m.layer is not None}))
+        self._logged = frozenset(key for m in matrices for key in m.keys if m.layer is None or m.layer in layers)
         self._matrices = matrices
+        self._history.clear()
 
     def attach(self, model: nn.Module) -> None:
         """Bind to the model as it trains (wrapped by DDP or FSDP, gated or not)."""
@@ -248,20 +363,95 @@ class UpdateRatioMonitor(Callback):
         weight_sq, grad_sq, diff_sq = values[:n], values[n:2 * n], values[-n:]
         gate_values = values[2 * n:-n]
         assert len(gate_values) == len(gate_keys), (len(gate_values), len(gate_keys))
+        ratios = [math.sqrt(d_sq) / math.sqrt(w_sq) if w_sq > 0 else float('inf') for w_sq, d_sq in zip(weight_sq, diff_sq)]
+        self._latest_ratios = ratios
+        families, logged = self.families, self._logged
         metrics: dict[str, float] = {}
-        for key, w_sq, g_sq, d_sq in zip(keys, weight_sq, grad_sq, diff_sq):
-            param_norm, update_norm = math.sqrt(w_sq), math.sqrt(d_sq)
-            metrics[f'update_ratio/{key}'] = update_norm / param_norm if param_norm > 0 else float('inf')
-            metrics[f'param_norm/{key}'] = param_norm
-            metrics[f'grad_norm/{key}'] = math.sqrt(g_sq)
-        metrics.update({f'gate/{key}': value for key, value in zip(gate_keys, gate_values)})
-        metrics[SUMMARY_MAX] = max(metrics[f'update_ratio/{key}'] for key in keys)
-        last = max((m.layer for m in self._matrices if m.layer is not None), default=None)
-        d_ratio = metrics.get(f'update_ratio/L{last}/d')
-        u_ratio = metrics.get(f'update_ratio/L{last}/u')
-        if d_ratio is not None and u_ratio:
-            metrics[SUMMARY_D_OVER_U] = d_ratio / u_ratio
+        for key, ratio, w_sq, g_sq in zip(keys, ratios, weight_sq, grad_sq):
+            if key not in logged:
+                continue
+            if 'update_ratio' in families:
+                metrics[f'update_ratio/{key}'] = ratio
+            if 'param_norm' in families:
+                metrics[f'param_norm/{key}'] = math.sqrt(w_sq)
+            if 'grad_norm' in families:
+                metrics[f'grad_norm/{key}'] = math.sqrt(g_sq)
+        if 'gate' in families:
+            metrics.update({f'gate/{key}': value for key, value in zip(gate_keys, gate_values)
+                            if key in logged or '/' not in key})  # e and p (a tied head's own gate) always
+        if self.summaries:
+            metrics.update(self._summaries(keys, ratios))
         return metrics
+
+    def _summaries(self, keys: list[str], ratios: list[float]) -> dict[str, float]:
+        """The largest ratio, the last layer's d/u gap and each layered role's mean over all layers."""
+        by_key = dict(zip(keys, ratios))
+        out = {SUMMARY_MAX: max(ratios)}
+        last = max((m.layer for m in self._matrices if m.layer is not None), default=None)
+        d_ratio, u_ratio = by_key.get(f'L{last}/d'), by_key.get(f'L{last}/u')
+        if d_ratio is not None and u_ratio:
+            out[SUMMARY_D_OVER_U] = d_ratio / u_ratio
+        per_role: dict[str, list[float]] = {}
+        for m in self._matrices:
+            if m.layer is not None:
+                for key, role in zip(m.keys, m.roles):
+                    per_role.setdefault(role, []).append(by_key[key])
+        for role, values in per_role.items():
+            out[SUMMARY_MEAN.format(role=role)] = statistics.fmean(values)
+        return out
+
+
+def _check_families(families: Any) -> tuple[str, ...]:
+    if families == ALL:
+        return PREFIXES
+    if isinstance(families, str) or not isinstance(families, SequenceABC):
+        raise ValueError(f"families must be 'all' or a list drawn from {list(PREFIXES)}, got {families!r}.")
+    for family in families:
+        if family not in PREFIXES:
+            raise ValueError(f"families: unknown family {family!r}; choose from {list(PREFIXES)} or 'all'.")
+    if len(set(families)) != len(families):
+        raise ValueError(f'families: {list(families)!r} names a family twice.')
+    return tuple(families)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_layers(layers: Any) -> Union[str, tuple[int, ...], dict[str, int]]:
+    allowed = "'all', a list of layer indices such as [0, -1], or {'every': k} with k >= 1"
+    if layers == ALL:
+        return ALL
+    if isinstance(layers, MappingABC):
+        if set(layers) != {'every'} or not _is_int(layers['every']) or layers['every'] < 1:
+            raise ValueError(f'layers must be {allowed}, got {dict(layers)!r}.')
+        return {'every': layers['every']}
+    if isinstance(layers, str) or not isinstance(layers, SequenceABC):
+        raise ValueError(f'layers must be {allowed}, got {layers!r}.')
+    for layer in layers:
+        if not _is_int(layer):
+            raise ValueError(f'layers: {layer!r} is not a layer index; layers must be {allowed}.')
+    return tuple(layers)
+
+
+def _resolve_layers(layers: Union[str, tuple[int, ...], dict[str, int]], present: list[int]) -> set[int]:
+    """The model's layers that ``layers`` selects; an index outside the model is an error."""
+    if layers == ALL:
+        return set(present)
+    if not present:
+        return set()
+    n = len(present)
+    if isinstance(layers, dict):
+        return set(present[::layers['every']]) | {present[-1]}
+    chosen = set()
+    for layer in layers:
+        if not -n <= layer < n:
+            raise ValueError(
+                f'layers: {layer} is outside the model, which has {n} layers '
+                f'(0 to {n - 1}, or -{n} to -1 counting back from the last).',
+            )
+        chosen.add(present[layer])
+    return chosen
 
 
 def _slice_sq_norms(flats: list[tuple[torch.Tensor, int]], matrices: list[_Matrix]) -> torch.Tensor:
