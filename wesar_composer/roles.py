@@ -9,7 +9,9 @@ Discovery matches module names against a role map (regex -> role) and reads the 
 layout of fused projections from the module itself. The default map covers llm-foundry's
 MPT and Hugging Face Llama-style models (Llama, Mistral, Qwen2, ...); a user extends it with
 ``role_map`` (``{regex: role}``, searched in the qualified module name) for another
-architecture. The same discovery serves the WeSaR algorithm, the faithful baselines and the
+architecture, or ``skip`` for a projection that should stay plain (a MoE router, a
+classifier). The algorithms refuse a model with projections discovery does not cover
+(:func:`check_complete`), so that no model is changed halfway. The same discovery serves the WeSaR algorithm, the faithful baselines and the
 update-ratio monitor, so all of them name matrices alike.
 """
 
@@ -20,11 +22,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-import torch
 from torch import nn
 
 ROLES = ('e', 'q', 'k', 'v', 'o', 'u', 'g', 'd', 'p')
 FUSED_QKV = 'qkv'
+SKIP = 'skip'  # role_map value: leave the matching modules as they are
 RESIDUAL_ROLES = ('o', 'd')  # matrices that write into the residual stream
 BACKBONES = ('he', 'small')
 
@@ -126,8 +128,10 @@ def merged_role_map(role_map: Optional[Mapping[str, str]] = None) -> dict[str, s
     """The default role map extended (and overridden) by a user's ``{regex: role}``."""
     merged = dict(DEFAULT_ROLE_MAP)
     for pattern, role in (role_map or {}).items():
-        if role not in ROLES and role != FUSED_QKV:
-            raise ValueError(f'role_map: role {role!r} for pattern {pattern!r} is not one of {ROLES + (FUSED_QKV,)}.')
+        if not isinstance(role, str) or (role not in ROLES and role not in (FUSED_QKV, SKIP)):
+            raise ValueError(
+                f'role_map: role {role!r} for pattern {pattern!r} is not one of {ROLES + (FUSED_QKV, SKIP)}.',
+            )
         try:
             re.compile(pattern)
         except re.error as err:
@@ -152,8 +156,9 @@ def find_matrices(model: nn.Module, role_map: Optional[Mapping[str, str]] = None
         for regex, pattern, role in compiled:
             if regex.search(name):
                 used.add(pattern)
-                parent = unwrap(model).get_submodule(name.rpartition('.')[0])
-                specs.append(_spec(name, module, role, parent))
+                if role != SKIP:
+                    parent = unwrap(model).get_submodule(name.rpartition('.')[0])
+                    specs.append(_spec(name, module, role, parent))
                 break
     unused = [p for p in (role_map or {}) if p not in used]
     if unused:
@@ -163,6 +168,35 @@ def find_matrices(model: nn.Module, role_map: Optional[Mapping[str, str]] = None
             f'Module names are, for example: {names[:8]}',
         )
     return specs
+
+
+def check_complete(model: nn.Module, specs: list[MatrixSpec], method: str, role_map: Optional[Mapping[str, str]] = None) -> None:
+    """Refuse a model whose projections role discovery does not all cover, before anything changes.
+
+    - a Hugging Face ``Conv1D`` (GPT-2 and relatives; its weight is stored in x out, transposed
+      to ``nn.Linear``'s) is not supported: the model would be reparameterized only in part;
+    - an ``nn.Linear`` no role pattern matches must be named in ``role_map`` (a role, or ``skip``).
+    """
+    inner = unwrap(model)
+    conv1d = [n for n, m in inner.named_modules() if type(m).__name__ == 'Conv1D' and hasattr(m, 'nf')]
+    if conv1d:
+        raise ValueError(
+            f'{method}: {type(inner).__name__} uses transformers Conv1D projections ({conv1d[:4]}, ...), which store '
+            'W transposed; they are not supported, and the model would be reparameterized only in part. Use an '
+            'architecture built from nn.Linear (Llama-style hf_causal_lm or llm-foundry MPT).',
+        )
+    patterns = [re.compile(p) for p in merged_role_map(role_map)]
+    matched = {spec.name for spec in specs}
+    left = [
+        n for n, m in inner.named_modules()
+        if isinstance(m, nn.Linear) and n not in matched and not any(p.search(n) for p in patterns)
+    ]
+    if left:
+        raise ValueError(
+            f'{method}: no role for the nn.Linear modules {left[:6]}{" ..." if len(left) > 6 else ""}; the model '
+            f'would be reparameterized only in part. Name them in role_map ({{regex: role}}, roles {ROLES + (FUSED_QKV,)}), '
+            f"or map them to '{SKIP}' to leave them plain.",
+        )
 
 
 def layer_index(name: str, role: str) -> Optional[int]:
@@ -222,7 +256,3 @@ def embedding_std(shape: ModelShape, backbone: str) -> float:
     """Std of W_e under a backbone: sqrt(1/d) (He) or sqrt(2/(5d)) (Small)."""
     return backbone_std('e', shape.d_model, shape, backbone)
 
-
-@torch.no_grad()
-def matrix_std(weight: torch.Tensor) -> float:
-    return weight.detach().float().std().item()

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from llmfoundry.models.layers.custom_embedding import SharedEmbedding
 from torch import nn
 
+from wesar_composer.reparam.init import draw_base_seed, normal_like, write_
+
 
 class _GatedLinearFunction(torch.autograd.Function):
     """y = x (g * W)^T + b, saving x, W and g (not g * W) for backward.
@@ -57,13 +59,23 @@ class _GatedLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_g, grad_b
 
 
+def reset_gated(module: nn.Module, weight_std: float | None, gate_init: Sequence[float]) -> None:
+    """W ~ N(0, weight_std^2) from the module's own seed (kept as is if ``weight_std`` is None); gate <- gate_init."""
+    if weight_std is not None:
+        if module.init_seed is None:
+            module.init_seed = draw_base_seed()
+        write_(module.weight, normal_like(module.weight, [weight_std], module.init_seed))
+    write_(module.gate, torch.tensor(gate_init))
+
+
 class GatedLinear(nn.Linear):
     """``y = x (a * W)^T + b`` with one scalar gate per output slice.
 
     ``slice_sizes`` splits the output rows (q, k, v of a fused projection); a plain
-    projection has one slice. ``weight_std`` and ``gate_init`` are kept so that
-    ``reset_parameters`` (called by Composer when it materializes a meta-device model)
-    gives exactly the WeSaR initialization.
+    projection has one slice. ``weight_std``, ``gate_init`` and ``init_seed`` are kept so that
+    ``reset_parameters`` (called by Composer when it materializes a meta-device model) gives
+    exactly the WeSaR initialization, the same on every rank. ``weight_std=None`` keeps W as it
+    is (the function-preserving mode of pretrained weights).
     """
 
     def __init__(
@@ -78,8 +90,10 @@ class GatedLinear(nn.Linear):
         slice_sizes: Sequence[int] | None = None,
         weight_std: float | None = None,
         trainable_gate: bool = True,
+        init_seed: int | None = None,
     ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.init_seed = init_seed
         self.slice_sizes = tuple(slice_sizes or (out_features,))
         if sum(self.slice_sizes) != out_features or len(self.slice_sizes) != len(gate_init):
             raise ValueError(f'slice_sizes {self.slice_sizes} and gates {tuple(gate_init)} do not fit {out_features} rows.')
@@ -93,12 +107,9 @@ class GatedLinear(nn.Linear):
     def reset_parameters(self) -> None:
         if not hasattr(self, 'gate'):  # called by nn.Linear.__init__ before the gate exists
             return super().reset_parameters()
-        with torch.no_grad():
-            if self.weight_std is not None:
-                self.weight.normal_(0.0, self.weight_std)
-            self.gate.copy_(torch.tensor(self.gate_init, dtype=self.gate.dtype))
-            if self.bias is not None:
-                self.bias.zero_()
+        reset_gated(self, self.weight_std, self.gate_init)
+        if self.bias is not None:
+            write_(self.bias, torch.zeros(self.bias.shape))
 
     def row_gates(self) -> torch.Tensor:
         """The gate of every output row, shape (out_features, 1)."""
@@ -138,8 +149,10 @@ class GatedEmbedding(SharedEmbedding):
         output_scale: float = 1.0,
         weight_std: float | None = None,
         trainable_gate: bool = True,
+        init_seed: int | None = None,
     ):
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype)
+        self.init_seed = init_seed
         self.gate_init = (float(gate_init),) if unembed_gate_init is None else (float(gate_init), float(unembed_gate_init))
         self.output_scale = float(output_scale)
         self.weight_std = weight_std
@@ -151,12 +164,9 @@ class GatedEmbedding(SharedEmbedding):
     def reset_parameters(self) -> None:
         if not hasattr(self, 'gate'):
             return super().reset_parameters()
-        with torch.no_grad():
-            if self.weight_std is not None:
-                self.weight.normal_(0.0, self.weight_std)
-            self.gate.fill_(self.gate_init[0])
-            if self.unembed_gate is not None:
-                self.unembed_gate.fill_(self.gate_init[1])
+        reset_gated(self, self.weight_std, self.gate_init[:1])
+        if self.unembed_gate is not None:
+            write_(self.unembed_gate, torch.tensor(self.gate_init[1:]))
 
     def forward(self, input: torch.Tensor, unembed: bool = False) -> torch.Tensor:
         if unembed:

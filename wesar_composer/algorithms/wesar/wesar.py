@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
-from composer.utils import ensure_tuple, module_surgery
+from composer.utils import dist, module_surgery
 from llmfoundry.callbacks import HuggingFaceCheckpointer
 from torch import nn
 from torch.optim import Optimizer
@@ -17,14 +17,27 @@ from torch.optim import Optimizer
 from wesar_composer.algorithms.wesar.gated_modules import GatedEmbedding, GatedLinear
 from wesar_composer.algorithms.wesar.hf_export import fold_gates_on_hf_export
 from wesar_composer.param_init import route_param_init_fn
+from wesar_composer.reparam.checks import (
+    INIT_MODES,
+    CheckedHparams,
+    check_bool,
+    check_choice,
+    check_non_negative,
+    check_optimizers,
+    check_positive,
+    check_role_map,
+)
+from wesar_composer.reparam.init import draw_base_seed, matrix_seed
+from wesar_composer.reparam.pretrained import resolve_init_mode
+from wesar_composer.reparam.trainer import check_loaded_checkpoint, guard_checkpoints, run_init_mode
 from wesar_composer.roles import (
     BACKBONES,
     MatrixSpec,
     ModelShape,
     backbone_std,
+    check_complete,
     embedding_std,
     find_matrices,
-    merged_role_map,
     model_shape,
     unwrap,
 )
@@ -41,21 +54,20 @@ ROUTE_TAG = 'wesar'
 def check_hparams(
     sigma_squared: float,
     backbone: str,
+    trainable_gates: bool = True,
     gate_weight_decay: float = 0.0,
+    embedding_scaling: bool = True,
     role_map: Optional[Mapping[str, str]] = None,
+    init_mode: str = 'auto',
 ) -> float:
     """Validate the hyperparameters and return sigma."""
-    if isinstance(sigma_squared, bool) or not isinstance(sigma_squared, (int, float)):
-        raise ValueError(f'sigma_squared must be a positive finite number, got {sigma_squared!r}.')
-    if not math.isfinite(sigma_squared) or sigma_squared <= 0:
-        raise ValueError(f'sigma_squared must be a positive finite number, got {sigma_squared!r}.')
-    if backbone not in BACKBONES:
-        raise ValueError(f'backbone must be one of {BACKBONES}, got {backbone!r}.')
-    if isinstance(gate_weight_decay, bool) or not isinstance(gate_weight_decay, (int, float)) or not (
-        math.isfinite(gate_weight_decay) and gate_weight_decay >= 0
-    ):
-        raise ValueError(f'gate_weight_decay must be a finite number >= 0, got {gate_weight_decay!r}.')
-    merged_role_map(role_map)  # raises on an unknown role or a bad regex
+    check_positive('sigma_squared', sigma_squared)
+    check_choice('backbone', backbone, BACKBONES)
+    check_bool('trainable_gates', trainable_gates)
+    check_non_negative('gate_weight_decay', gate_weight_decay)
+    check_bool('embedding_scaling', embedding_scaling)
+    check_role_map(role_map)
+    check_choice('init_mode', init_mode, INIT_MODES)
     return math.sqrt(sigma_squared)
 
 
@@ -69,6 +81,8 @@ def apply_wesar(
     gate_weight_decay: float = 0.0,
     embedding_scaling: bool = True,
     role_map: Optional[Mapping[str, str]] = None,
+    init_mode: str = 'auto',
+    seed: Optional[int] = None,
 ) -> nn.Module:
     """Reparameterize every weight matrix W of ``model`` as a_r * W (Section 4.1).
 
@@ -78,13 +92,20 @@ def apply_wesar(
     starts at unit variance. Gates join the first optimizer in a param group of their own with
     ``gate_weight_decay``; ``trainable_gates=False`` freezes them (the paper's fixed-a ablation).
 
+    ``init_mode``: ``'auto'`` re-initializes, but refuses a model loaded with
+    ``from_pretrained``; ``'reinit'`` re-initializes whatever the weights; ``'preserve'``
+    keeps a trained model's function: each W (each q / k / v slice) is rescaled to std sigma
+    and its gate takes the old std / sigma, so a * W is the trained matrix.
+    Each matrix is drawn from its own seed (``seed`` and its name; ``seed=None`` takes one
+    from the global RNG), so every rank and every materialization order draws the same W.
+
     Everything is validated before the model changes: a bad value raises ``ValueError`` and
     leaves the model as it was.
     """
-    sigma = check_hparams(sigma_squared, backbone, gate_weight_decay, role_map)
-    optimizers = ensure_tuple(optimizers) if optimizers is not None else ()
-    if len(optimizers) > 1:
-        raise ValueError(f'apply_wesar supports one optimizer, got {len(optimizers)}.')
+    sigma = check_hparams(
+        sigma_squared, backbone, trainable_gates, gate_weight_decay, embedding_scaling, role_map, init_mode,
+    )
+    optimizers = check_optimizers('wesar', optimizers)
     from wesar_composer.algorithms.reparam.common import applied_method  # imports this module
 
     applied = applied_method(model)
@@ -102,15 +123,23 @@ def apply_wesar(
             f'No weight matrix of {type(unwrap(model)).__name__} matched a role; nothing to gate. '
             'Pass role_map={regex: role} naming its modules.',
         )
+    check_complete(model, specs, 'wesar', role_map)
+    mode = resolve_init_mode('wesar', init_mode, model)
+    preserved = _preserved_stds(specs, sigma) if mode == 'preserve' else None
+    base_seed = draw_base_seed() if seed is None else int(seed)
 
     replacements = {
-        spec.module: _gated_module(spec, shape, sigma, backbone, trainable_gates, embedding_scaling, specs)
+        spec.module: _gated_module(spec, shape, sigma, backbone, trainable_gates, embedding_scaling, specs, preserved)
         for spec in specs
     }
+    for spec in specs:
+        replacements[spec.module].init_seed = matrix_seed(base_seed, spec.name)
     module_surgery.replace_module_classes(
         unwrap(model),
         policies={nn.Linear: lambda m, _: replacements.get(m), nn.Embedding: lambda m, _: replacements.get(m)},
     )
+    if preserved is not None:
+        _rescale_to_sigma(specs, preserved, sigma)
     for replacement in replacements.values():
         if not replacement.weight.is_meta:  # a meta model is initialized when Composer materializes it
             replacement.reset_parameters()
@@ -119,8 +148,48 @@ def apply_wesar(
     gates += [m.unembed_gate for m in replacements.values() if getattr(m, 'unembed_gate', None) is not None]
     if trainable_gates and optimizers:
         _add_gate_group(optimizers[0], gates, gate_weight_decay)
-    log.info('WeSaR gated %d matrices (sigma^2=%g, backbone=%s).', len(specs), sigma_squared, backbone)
+    log.info(
+        'WeSaR gated %d matrices (sigma^2=%g, backbone=%s, %s).', len(specs), sigma_squared, backbone,
+        'trained weights preserved: W rescaled to sigma, gates carry the old scale' if preserved else 'new init',
+    )
     return model
+
+
+def _preserved_stds(specs: list[MatrixSpec], sigma: float) -> Optional[dict[int, tuple[float, ...]]]:
+    """Std of every row slice of every trained weight, keyed by id(weight); None on a meta model.
+
+    A meta-device model (the ranks other than 0 under ``init_device: mixed``) has no weights to
+    preserve: it receives rank 0's rescaled weights and gates through ``sync_module_states``.
+    """
+    weights = {id(s.module.weight): s for s in specs}
+    if any(s.module.weight.is_meta for s in weights.values()):
+        if dist.get_global_rank() == 0:
+            raise ValueError(
+                "wesar: init_mode 'preserve' needs the model's trained weights, but they are on the meta device. "
+                'Load the pretrained model on rank 0 (init_device: cpu or mixed).',
+            )
+        return None
+    stds = {}
+    for key, spec in weights.items():
+        slices = spec.module.weight.detach().float().split(list(spec.slice_sizes))
+        stds[key] = tuple(w.std().item() for w in slices)
+        bad = [std for std in stds[key] if not (math.isfinite(std) and std > 0)]
+        if bad:
+            raise ValueError(f"wesar: cannot preserve {spec.name}: its weight has std {bad[0]!r} (needs > 0).")
+    return stds
+
+
+@torch.no_grad()
+def _rescale_to_sigma(specs: list[MatrixSpec], stds: dict[int, tuple[float, ...]], sigma: float) -> None:
+    """W <- W * sigma / std(W), slice by slice, once per weight Parameter (a tied head shares it)."""
+    done: set[int] = set()
+    for spec in specs:
+        weight = spec.module.weight
+        if id(weight) in done:
+            continue
+        done.add(id(weight))
+        for rows, std in zip(weight.split(list(spec.slice_sizes)), stds[id(weight)]):
+            rows.mul_(sigma / std)
 
 
 def _gated_module(
@@ -131,25 +200,39 @@ def _gated_module(
     trainable: bool,
     embedding_scaling: bool,
     specs: list[MatrixSpec],
+    preserved: Optional[dict[int, tuple[float, ...]]] = None,
 ) -> nn.Module:
+    """The gated replacement of one matrix; ``preserved`` (trained stds) gives gates old std / sigma and keeps W."""
     old = spec.module
+    trained = preserved.get(id(old.weight)) if preserved is not None else None
+    weight_std = None if trained is not None else sigma
     if spec.is_embedding:
+        output_scale = 1.0 / sigma if embedding_scaling else 1.0
+        tied_head = shape.tied_embeddings and not any(s.roles == ('p',) for s in specs)  # MPT: wte is the head
         unembed_gate = None
-        if shape.tied_embeddings and not any(s.roles == ('p',) for s in specs):
-            unembed_gate = backbone_std('p', old.embedding_dim, shape, backbone) / sigma  # tied head (MPT)
+        if trained is not None:
+            gate = trained[0] / (sigma * output_scale)  # a_e W' scale = W with W' = W sigma / std
+            unembed_gate = trained[0] / sigma if tied_head else None
+        else:
+            gate = 1.0 if embedding_scaling else embedding_std(shape, backbone) / sigma
+            if tied_head:
+                unembed_gate = backbone_std('p', old.embedding_dim, shape, backbone) / sigma
         new = GatedEmbedding(
             old.num_embeddings,
             old.embedding_dim,
             old.padding_idx,
             device='meta',
-            gate_init=1.0 if embedding_scaling else embedding_std(shape, backbone) / sigma,
+            gate_init=gate,
             unembed_gate_init=unembed_gate,
-            output_scale=1.0 / sigma if embedding_scaling else 1.0,
-            weight_std=sigma,
+            output_scale=output_scale,
+            weight_std=weight_std,
             trainable_gate=trainable,
         )
     else:
-        gate_init = [backbone_std(role, spec.d_in, shape, backbone) / sigma for role in spec.roles]
+        if trained is not None:
+            gate_init = [std / sigma for std in trained]
+        else:
+            gate_init = [backbone_std(role, spec.d_in, shape, backbone) / sigma for role in spec.roles]
         new = GatedLinear(
             old.in_features,
             old.out_features,
@@ -157,7 +240,7 @@ def _gated_module(
             device='meta',
             gate_init=gate_init,
             slice_sizes=spec.slice_sizes,
-            weight_std=sigma,
+            weight_std=weight_std,
             trainable_gate=trainable,
         )
         new.bias = old.bias
@@ -201,11 +284,14 @@ def _add_gate_group(optimizer: Optimizer, gates: list[nn.Parameter], weight_deca
     optimizer.add_param_group(group)
 
 
-class WeSaR(Algorithm):
+class WeSaR(CheckedHparams, Algorithm):
     """Composer algorithm for WeSaR: runs :func:`apply_wesar` at ``Event.INIT``.
 
     An llm-foundry ``hf_checkpointer`` in the same run exports the merged model (gates folded
-    into the weights), which loads with plain ``transformers``.
+    into the weights), which loads with plain ``transformers``. Checkpoints of the run carry
+    the gates; loading one into a run without ``wesar``, or a checkpoint without gates into
+    a run with it, raises an error naming the algorithm. The initial weights depend on the
+    run's seed only, not on the rank or the FSDP wrapping.
 
     YAML: ``algorithms: {wesar: {sigma_squared: 4.0e-5, backbone: he}}``.
 
@@ -216,6 +302,8 @@ class WeSaR(Algorithm):
         gate_weight_decay: weight decay of the gate param group (default 0, no decay).
         embedding_scaling: multiply the embedding output by 1 / sigma (default on).
         role_map: extra ``{regex: role}`` entries for architectures the default map misses.
+        init_mode: ``'auto'`` (default: new init; refuse pretrained weights), ``'reinit'`` or
+            ``'preserve'`` (keep a pretrained model's function; see :func:`apply_wesar`).
     """
 
     def __init__(
@@ -226,20 +314,24 @@ class WeSaR(Algorithm):
         gate_weight_decay: float = 0.0,
         embedding_scaling: bool = True,
         role_map: Optional[Mapping[str, str]] = None,
+        init_mode: str = 'auto',
     ):
-        check_hparams(sigma_squared, backbone, gate_weight_decay, role_map)
+        check_hparams(
+            sigma_squared, backbone, trainable_gates, gate_weight_decay, embedding_scaling, role_map, init_mode,
+        )
         self.sigma_squared = sigma_squared
         self.backbone = backbone
         self.trainable_gates = trainable_gates
         self.gate_weight_decay = gate_weight_decay
         self.embedding_scaling = embedding_scaling
         self.role_map = dict(role_map) if role_map else None
+        self.init_mode = init_mode
 
     def __repr__(self) -> str:
         return (
             f'{self.__class__.__name__}(sigma_squared={self.sigma_squared}, backbone={self.backbone!r}, '
             f'trainable_gates={self.trainable_gates}, gate_weight_decay={self.gate_weight_decay}, '
-            f'embedding_scaling={self.embedding_scaling}, role_map={self.role_map})'
+            f'embedding_scaling={self.embedding_scaling}, role_map={self.role_map}, init_mode={self.init_mode!r})'
         )
 
     @staticmethod
@@ -247,9 +339,12 @@ class WeSaR(Algorithm):
         return True
 
     def match(self, event: Event, state: State) -> bool:
-        return event == Event.INIT
+        return event in (Event.INIT, Event.AFTER_LOAD)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.AFTER_LOAD:
+            check_loaded_checkpoint(state)
+            return
         apply_wesar(
             state.model,
             optimizers=state.optimizers,
@@ -259,7 +354,10 @@ class WeSaR(Algorithm):
             gate_weight_decay=self.gate_weight_decay,
             embedding_scaling=self.embedding_scaling,
             role_map=self.role_map,
+            init_mode=run_init_mode(state, 'wesar', self.init_mode),
+            seed=state.rank_zero_seed,
         )
+        guard_checkpoints(state)
         for callback in state.callbacks:
             if isinstance(callback, HuggingFaceCheckpointer):
                 fold_gates_on_hf_export(callback, state.model)
