@@ -128,7 +128,7 @@ def test_without_embedding_scaling_the_embedding_stays_plain():
 def test_algorithm_from_the_registry():
     algorithm = build_algorithm('paper_init', {'backbone': 'he'})
     assert isinstance(algorithm, PaperInit) and algorithm.backbone == 'he'
-    assert repr(algorithm) == "PaperInit(backbone='he', embedding_scaling=True, role_map=None)"
+    assert repr(algorithm) == "PaperInit(backbone='he', embedding_scaling=True, role_map=None, init_mode='auto')"
     assert PaperInit.required_on_load()
 
 
@@ -177,5 +177,5 @@ def test_hf_checkpointer_exports_the_scaling_folded_in(tiny_train_yaml, tmp_path
 
 
 def test_backbone_passed_where_the_optimizers_go_is_refused():
-    with pytest.raises(ValueError, match="pass the backbone by keyword"):
+    with pytest.raises(ValueError, match="pass hyperparameters by keyword"):
         apply_paper_init(mpt(d_model=64, n_heads=2, n_layers=2, vocab_size=256), 'he')

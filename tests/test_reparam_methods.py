@@ -261,7 +261,7 @@ def test_residual_scaling_is_paper_init_at_init_with_the_scale_in_the_forward(ba
     reference = apply_paper_init(tiny(seed=3), backbone=backbone)
     model = apply_residual_scaling(tiny(seed=3), backbone=backbone)
     tokens = batch_of()['input_ids']
-    torch.testing.assert_close(logits(model.eval(), tokens), logits(reference.eval(), tokens), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits(model.eval(), tokens), logits(reference.eval(), tokens), rtol=1e-5, atol=2e-6)
     scaled = {n_: m for n_, m in model.model.named_modules() if isinstance(m, ResidualScaledLinear)}
     assert sorted(n_.rpartition('.')[2] for n_ in scaled) == sorted(['out_proj', 'down_proj'] * n)
     expected_std = {'small': {'out_proj': math.sqrt(2 / (5 * d)), 'down_proj': math.sqrt(2 / (5 * d))},
@@ -324,7 +324,7 @@ def test_update_ratio_monitor_measures_the_actual_weights(method):
     model = tiny(tie_word_embeddings=method == 'sigma_reparam')
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     APPLY[method](model, optimizer)
-    monitor = UpdateRatioMonitor(log_interval=1)
+    monitor = UpdateRatioMonitor(log_interval=1, families='all', layers='all')
     monitor.discover(model)
     monitor.attach(model)
     batch = batch_of()

@@ -19,7 +19,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
-from composer.utils import ensure_tuple, module_surgery
+from composer.utils import module_surgery
 from llmfoundry.callbacks import HuggingFaceCheckpointer
 from torch import nn
 from torch.optim import Optimizer
@@ -28,20 +28,46 @@ from wesar_composer.algorithms.paper_init.hf_export import fold_embedding_scale_
 from wesar_composer.algorithms.paper_init.scaled_embedding import ScaledEmbedding
 from wesar_composer.algorithms.wesar.gated_modules import GatedEmbedding, GatedLinear
 from wesar_composer.param_init import is_meta, route_param_init_fn
-from wesar_composer.roles import BACKBONES, MatrixSpec, backbone_std, embedding_std, find_matrices, model_shape, unwrap
+from wesar_composer.reparam.checks import (
+    CheckedHparams,
+    check_bool,
+    check_choice,
+    check_optimizers,
+    check_role_map,
+)
+from wesar_composer.reparam.init import draw_base_seed, matrix_seed, normal_like, write_
+from wesar_composer.reparam.pretrained import resolve_init_mode
+from wesar_composer.reparam.trainer import check_loaded_checkpoint, guard_checkpoints, run_init_mode
+from wesar_composer.roles import (
+    BACKBONES,
+    MatrixSpec,
+    backbone_std,
+    check_complete,
+    embedding_std,
+    find_matrices,
+    model_shape,
+    unwrap,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = ['PaperInit', 'apply_paper_init', 'paper_init_stds']
 
 DEFAULT_BACKBONE = 'small'  # the paper's baseline ("Small Init."); 'he' is the Table 7 ablation
-INIT_ATTR = '_paper_init'  # (slice sizes, stds) on each matrix; read again when a meta model is materialized
+INIT_ATTR = '_paper_init'  # (slice sizes, stds, seed) on each matrix; read again when a meta model is materialized
 ROUTE_TAG = 'paper_init'
+INIT_MODES = ('auto', 'reinit')  # an initialization has nothing to preserve
 
 
 def check_backbone(backbone: str) -> None:
-    if backbone not in BACKBONES:
-        raise ValueError(f'backbone must be one of {BACKBONES}, got {backbone!r}.')
+    check_choice('backbone', backbone, BACKBONES)
+
+
+def check_hparams(backbone: str, embedding_scaling: bool, role_map, init_mode: str) -> None:
+    check_backbone(backbone)
+    check_bool('embedding_scaling', embedding_scaling)
+    check_role_map(role_map)
+    check_choice('init_mode', init_mode, INIT_MODES)
 
 
 def paper_init_stds(
@@ -65,6 +91,8 @@ def apply_paper_init(
     backbone: str = DEFAULT_BACKBONE,
     embedding_scaling: bool = True,
     role_map: Optional[Mapping[str, str]] = None,
+    init_mode: str = 'auto',
+    seed: Optional[int] = None,
 ) -> nn.Module:
     """Initialize every weight matrix of ``model`` with its Table 1 std and add embedding scaling.
 
@@ -73,14 +101,12 @@ def apply_paper_init(
     its output by 1 / s_e (Small: sqrt(5d/2), He: sqrt(d)), sharing the same weight Parameter,
     so ``optimizers`` and weight tying are unaffected (nothing is added to them). A model still
     on the meta device is initialized the same way when Composer materializes it (every
-    ``param_init_fn`` is routed). Errors are raised before the model changes.
+    ``param_init_fn`` is routed). Each matrix is drawn from its own seed (``seed`` and its name),
+    the same on every rank. ``init_mode='auto'`` refuses a model loaded with ``from_pretrained``;
+    ``'reinit'`` re-initializes it. Errors are raised before the model changes.
     """
-    check_backbone(backbone)
-    if optimizers is not None and not all(isinstance(o, Optimizer) for o in ensure_tuple(optimizers)):
-        raise ValueError(
-            f'optimizers must be torch optimizers (or None), got {optimizers!r}; '
-            'pass the backbone by keyword: apply_paper_init(model, backbone=...).',
-        )
+    check_hparams(backbone, embedding_scaling, role_map, init_mode)
+    check_optimizers('paper_init', optimizers)
     inner = unwrap(model)
     gated = [n for n, m in inner.named_modules() if isinstance(m, (GatedLinear, GatedEmbedding))]
     if gated:
@@ -96,9 +122,12 @@ def apply_paper_init(
             f'No weight matrix of {type(inner).__name__} matched a role; nothing to initialize. '
             'Pass role_map={regex: role} naming its modules.',
         )
+    check_complete(model, [spec for spec, _ in stds], 'paper_init', role_map)
+    resolve_init_mode('paper_init', init_mode, model, INIT_MODES)
+    base_seed = draw_base_seed() if seed is None else int(seed)
 
     for spec, role_stds in stds:
-        setattr(spec.module, INIT_ATTR, (spec.slice_sizes, role_stds))
+        setattr(spec.module, INIT_ATTR, (spec.slice_sizes, role_stds, matrix_seed(base_seed, spec.name)))
     matrices = [spec.module for spec, _ in stds]
     if embedding_scaling:
         scale = 1.0 / embedding_std(shape, backbone)
@@ -136,14 +165,14 @@ def _scaled_embedding(old: nn.Embedding, scale: float) -> ScaledEmbedding:
 
 @torch.no_grad()
 def init_matrix(module: nn.Module) -> None:
-    """W ~ N(0, s_r^2) slice by slice (s_r from ``apply_paper_init``); bias and padding row zero."""
-    slice_sizes, stds = getattr(module, INIT_ATTR)
-    for rows, std in zip(module.weight.split(list(slice_sizes)), stds):
-        rows.normal_(0.0, std)
-    if getattr(module, 'bias', None) is not None:
-        module.bias.zero_()
+    """W ~ N(0, s_r^2) slice by slice (s_r and the seed from ``apply_paper_init``); bias and padding row zero."""
+    slice_sizes, stds, seed = getattr(module, INIT_ATTR)
+    values = normal_like(module.weight, stds, seed, slice_sizes)
     if getattr(module, 'padding_idx', None) is not None:
-        module.weight[module.padding_idx].zero_()
+        values[module.padding_idx].zero_()
+    write_(module.weight, values)
+    if getattr(module, 'bias', None) is not None:
+        write_(module.bias, torch.zeros(module.bias.shape))
 
 
 def _init_if_marked(module: nn.Module) -> bool:
@@ -153,7 +182,7 @@ def _init_if_marked(module: nn.Module) -> bool:
     return True
 
 
-class PaperInit(Algorithm):
+class PaperInit(CheckedHparams, Algorithm):
     """Composer algorithm for the paper's baselines: runs :func:`apply_paper_init` at ``Event.INIT``.
 
     YAML: ``algorithms: {paper_init: {backbone: small}}`` (the "Small Init." baseline) or
@@ -165,6 +194,7 @@ class PaperInit(Algorithm):
         backbone: ``'small'`` (s_r = sqrt(2/(5d))) or ``'he'`` (s_r = gain/sqrt(d_in)); o and d / sqrt(2N).
         embedding_scaling: multiply the embedding output by 1 / std(W_e) (default on, as in the paper).
         role_map: extra ``{regex: role}`` entries for architectures the default map misses.
+        init_mode: ``'auto'`` (default: refuse pretrained weights) or ``'reinit'`` (discard them).
     """
 
     def __init__(
@@ -172,16 +202,18 @@ class PaperInit(Algorithm):
         backbone: str = DEFAULT_BACKBONE,
         embedding_scaling: bool = True,
         role_map: Optional[Mapping[str, str]] = None,
+        init_mode: str = 'auto',
     ):
-        check_backbone(backbone)
+        check_hparams(backbone, embedding_scaling, role_map, init_mode)
         self.backbone = backbone
         self.embedding_scaling = embedding_scaling
         self.role_map = dict(role_map) if role_map else None
+        self.init_mode = init_mode
 
     def __repr__(self) -> str:
         return (
             f'{self.__class__.__name__}(backbone={self.backbone!r}, '
-            f'embedding_scaling={self.embedding_scaling}, role_map={self.role_map})'
+            f'embedding_scaling={self.embedding_scaling}, role_map={self.role_map}, init_mode={self.init_mode!r})'
         )
 
     @staticmethod
@@ -189,16 +221,22 @@ class PaperInit(Algorithm):
         return True
 
     def match(self, event: Event, state: State) -> bool:
-        return event == Event.INIT
+        return event in (Event.INIT, Event.AFTER_LOAD)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.AFTER_LOAD:
+            check_loaded_checkpoint(state)
+            return
         apply_paper_init(
             state.model,
             optimizers=state.optimizers,
             backbone=self.backbone,
             embedding_scaling=self.embedding_scaling,
             role_map=self.role_map,
+            init_mode=run_init_mode(state, 'paper_init', self.init_mode, INIT_MODES),
+            seed=state.rank_zero_seed,
         )
+        guard_checkpoints(state)
         if self.embedding_scaling:
             for callback in state.callbacks:
                 if isinstance(callback, HuggingFaceCheckpointer):

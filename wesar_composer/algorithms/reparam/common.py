@@ -7,21 +7,17 @@ Every check runs before the model changes.
 
 from __future__ import annotations
 
-import math
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional
 
-from composer.utils import ensure_tuple, module_surgery
+from composer.utils import module_surgery
 from torch import nn
 from torch.optim import Optimizer
 
-from wesar_composer.roles import merged_role_map, unwrap
+from wesar_composer.roles import unwrap
 
 __all__ = [
     'REPARAMETERIZED',
     'applied_method',
-    'check_positive',
-    'check_non_negative',
-    'check_optimizers',
     'check_unreparameterized',
     'swap_modules',
     'add_param_group',
@@ -64,50 +60,6 @@ def check_unreparameterized(model: nn.Module, method: str) -> None:
             f'{method} is an alternative to {other}, not an addition: this model already has {other} '
             f'(module {name!r}). Keep one of them in `algorithms`.',
         )
-
-
-def check_positive(name: str, value) -> float:
-    """A positive finite number (bools refused), as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f'{name} must be a positive finite number, got {value!r}.')
-    return float(value)
-
-
-def check_non_negative(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f'{name} must be a finite number >= 0, got {value!r}.')
-    return float(value)
-
-
-def check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f'{name} must be true or false, got {value!r}.')
-    return value
-
-
-def check_role_map(role_map: Optional[Mapping[str, str]]) -> Optional[dict[str, str]]:
-    if role_map is not None and not isinstance(role_map, Mapping):
-        raise ValueError(f'role_map must be a mapping {{regex: role}}, got {role_map!r}.')
-    merged_role_map(role_map)  # raises on an unknown role or a bad regex
-    return dict(role_map) if role_map else None
-
-
-def check_optimizers(
-    method: str,
-    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]],
-) -> tuple[Optimizer, ...]:
-    """At most one torch optimizer; a hyperparameter passed in this slot by position is an error."""
-    if optimizers is None:
-        return ()
-    optimizers = ensure_tuple(optimizers)
-    if not all(isinstance(o, Optimizer) for o in optimizers):
-        raise ValueError(
-            f'optimizers must be torch optimizers (or None), got {optimizers!r}; '
-            f'pass hyperparameters by keyword: apply_{method}(model, optimizers, name=value).',
-        )
-    if len(optimizers) > 1:
-        raise ValueError(f'apply_{method} supports one optimizer, got {len(optimizers)}.')
-    return optimizers
 
 
 def swap_modules(model: nn.Module, replacements: Mapping[nn.Module, nn.Module]) -> None:

@@ -28,18 +28,19 @@ from llmfoundry.callbacks import HuggingFaceCheckpointer
 from torch import nn
 from torch.optim import Optimizer
 
-from wesar_composer.algorithms.paper_init.paper_init import INIT_ATTR, apply_paper_init, init_matrix
+from wesar_composer.algorithms.paper_init.paper_init import INIT_ATTR, INIT_MODES, apply_paper_init, init_matrix
 from wesar_composer.algorithms.paper_init.scaled_embedding import ScaledEmbedding
-from wesar_composer.algorithms.reparam.common import (
-    REPARAMETERIZED,
-    check_bool,
-    check_optimizers,
-    check_role_map,
-    check_unreparameterized,
-    swap_modules,
-)
+from wesar_composer.algorithms.reparam.common import REPARAMETERIZED, check_unreparameterized, swap_modules
 from wesar_composer.algorithms.reparam.fold import fold_reparam_on_hf_export
 from wesar_composer.param_init import is_meta
+from wesar_composer.reparam.checks import (
+    CheckedHparams,
+    check_bool,
+    check_choice,
+    check_optimizers,
+    check_role_map,
+)
+from wesar_composer.reparam.trainer import check_loaded_checkpoint, guard_checkpoints, run_init_mode
 from wesar_composer.roles import BACKBONES, RESIDUAL_ROLES, find_matrices, model_shape, unwrap
 
 log = logging.getLogger(__name__)
@@ -87,11 +88,11 @@ class ResidualScaledLinear(nn.Linear):
 REPARAMETERIZED[ResidualScaledLinear] = METHOD
 
 
-def check_hparams(backbone, embedding_scaling, role_map) -> None:
-    if backbone not in BACKBONES:
-        raise ValueError(f'backbone must be one of {BACKBONES}, got {backbone!r}.')
+def check_hparams(backbone, embedding_scaling, role_map, init_mode) -> None:
+    check_choice('backbone', backbone, BACKBONES)
     check_bool('embedding_scaling', embedding_scaling)
     check_role_map(role_map)
+    check_choice('init_mode', init_mode, INIT_MODES)
 
 
 def apply_residual_scaling(
@@ -101,6 +102,8 @@ def apply_residual_scaling(
     backbone: str = DEFAULT_BACKBONE,
     embedding_scaling: bool = True,
     role_map: Optional[Mapping[str, str]] = None,
+    init_mode: str = 'auto',
+    seed: Optional[int] = None,
 ) -> nn.Module:
     """Move the 1/sqrt(2N) of W_o and W_d from their init into the forward pass (Appendix C.3).
 
@@ -108,9 +111,10 @@ def apply_residual_scaling(
     :class:`ResidualScaledLinear` sharing its weight ``Parameter``, with output scale
     1/sqrt(2N) and W drawn without the 1/sqrt(2N) (for a model already materialized, its
     paper_init weights are multiplied by sqrt(2N), so the function is unchanged). Nothing joins
-    the optimizer. Everything is validated before the model changes.
+    the optimizer. ``init_mode`` and ``seed`` are paper_init's. Everything is validated before
+    the model changes.
     """
-    check_hparams(backbone, embedding_scaling, role_map)
+    check_hparams(backbone, embedding_scaling, role_map, init_mode)
     check_optimizers(METHOD, optimizers)
     check_unreparameterized(model, METHOD)
     shape = model_shape(model)
@@ -123,7 +127,9 @@ def apply_residual_scaling(
         )
     embedding_class = next((type(s.module) for s in specs if s.is_embedding), None)
 
-    apply_paper_init(model, backbone=backbone, embedding_scaling=embedding_scaling, role_map=role_map)
+    apply_paper_init(
+        model, backbone=backbone, embedding_scaling=embedding_scaling, role_map=role_map, init_mode=init_mode, seed=seed,
+    )
     if embedding_class is not None:
         for module in unwrap(model).modules():
             if isinstance(module, ScaledEmbedding):
@@ -136,8 +142,8 @@ def apply_residual_scaling(
                                    residual_scale=1.0 / factor)
         new.weight = old.weight  # the same Parameter: optimizer state stays intact
         new.bias = old.bias
-        slice_sizes, stds = getattr(old, INIT_ATTR)
-        setattr(new, INIT_ATTR, (slice_sizes, tuple(std * factor for std in stds)))  # paper_init draws it at materialization
+        slice_sizes, stds, seed_of_matrix = getattr(old, INIT_ATTR)
+        setattr(new, INIT_ATTR, (slice_sizes, tuple(std * factor for std in stds), seed_of_matrix))  # paper_init draws it at materialization
         new.roles = spec.roles
         new.plain_class = type(old)
         replacements[old] = new
@@ -151,7 +157,7 @@ def apply_residual_scaling(
     return model
 
 
-class ResidualScaling(Algorithm):
+class ResidualScaling(CheckedHparams, Algorithm):
     """Composer algorithm for residual scaling as reparameterization: :func:`apply_residual_scaling` at ``Event.INIT``.
 
     YAML: ``algorithms: {residual_scaling: {backbone: small}}`` (Table 6 "w/ Small") or
@@ -163,6 +169,7 @@ class ResidualScaling(Algorithm):
         backbone: ``'small'`` or ``'he'``: the Table 1 stds, W_o and W_d without 1/sqrt(2N).
         embedding_scaling: multiply the embedding output by 1 / std(W_e) (default on, as in the paper).
         role_map: extra ``{regex: role}`` entries for architectures the default map misses.
+        init_mode: ``'auto'`` (default: refuse pretrained weights) or ``'reinit'`` (discard them).
     """
 
     def __init__(
@@ -170,16 +177,18 @@ class ResidualScaling(Algorithm):
         backbone: str = DEFAULT_BACKBONE,
         embedding_scaling: bool = True,
         role_map: Optional[Mapping[str, str]] = None,
+        init_mode: str = 'auto',
     ):
-        check_hparams(backbone, embedding_scaling, role_map)
+        check_hparams(backbone, embedding_scaling, role_map, init_mode)
         self.backbone = backbone
         self.embedding_scaling = embedding_scaling
         self.role_map = dict(role_map) if role_map else None
+        self.init_mode = init_mode
 
     def __repr__(self) -> str:
         return (
             f'{self.__class__.__name__}(backbone={self.backbone!r}, embedding_scaling={self.embedding_scaling}, '
-            f'role_map={self.role_map})'
+            f'role_map={self.role_map}, init_mode={self.init_mode!r})'
         )
 
     @staticmethod
@@ -187,16 +196,22 @@ class ResidualScaling(Algorithm):
         return True
 
     def match(self, event: Event, state: State) -> bool:
-        return event == Event.INIT
+        return event in (Event.INIT, Event.AFTER_LOAD)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.AFTER_LOAD:
+            check_loaded_checkpoint(state)
+            return
         apply_residual_scaling(
             state.model,
             optimizers=state.optimizers,
             backbone=self.backbone,
             embedding_scaling=self.embedding_scaling,
             role_map=self.role_map,
+            init_mode=run_init_mode(state, METHOD, self.init_mode, INIT_MODES),
+            seed=state.rank_zero_seed,
         )
+        guard_checkpoints(state)
         for callback in state.callbacks:
             if isinstance(callback, HuggingFaceCheckpointer):
                 fold_reparam_on_hf_export(callback, state.model)

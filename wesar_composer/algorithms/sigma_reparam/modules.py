@@ -31,15 +31,11 @@ from torch import nn
 
 from wesar_composer.algorithms.reparam.common import REPARAMETERIZED
 from wesar_composer.algorithms.wesar.gated_modules import _GatedLinearFunction
+from wesar_composer.reparam.init import draw_base_seed, full_tensor, normal_like, write_
 
 __all__ = ['SigmaReparamLinear', 'SigmaReparamEmbedding', 'request_power_iteration', 'SPECTRAL_BUFFERS']
 
 SPECTRAL_BUFFERS = ('sn_u', 'sn_v', 'sn_sigma')
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP2 DTensor (gathered), else the tensor itself."""
-    return tensor.full_tensor() if hasattr(tensor, 'full_tensor') else tensor
 
 
 class _SpectralNorm:
@@ -59,7 +55,7 @@ class _SpectralNorm:
     @torch.no_grad()
     def reset_spectral_norm(self) -> None:
         """Exact top singular triple of every slice (SVD)."""
-        weight = _full(self.weight).detach().float()
+        weight = full_tensor(self.weight.detach()).float()
         for i, (w, u) in enumerate(zip(weight.split(list(self.slice_sizes)), self.sn_u.split(list(self.slice_sizes)))):
             left, singular, right_h = torch.linalg.svd(w, full_matrices=False)
             u.copy_(left[:, 0])
@@ -79,6 +75,17 @@ class _SpectralNorm:
                 self.sn_v[i].copy_(v)
                 self.sn_sigma[i] = sigma
 
+    def _reset_weight_and_gates(self) -> None:
+        """W ~ N(0, weight_std^2) from the module's seed (kept if ``weight_std`` is None); every a <- 1; exact sigma."""
+        if self.weight_std is not None:
+            if self.init_seed is None:
+                self.init_seed = draw_base_seed()
+            write_(self.weight, normal_like(self.weight, [self.weight_std], self.init_seed))
+        for gate in (self.gate, getattr(self, 'unembed_gate', None)):
+            if gate is not None:
+                write_(gate, torch.ones(gate.shape))
+        self.reset_spectral_norm()
+
     def _maybe_iterate(self) -> None:
         if self.training and self.power_iteration_pending:
             self.power_iteration()
@@ -91,8 +98,10 @@ class SigmaReparamLinear(_SpectralNorm, nn.Linear):
     FOLDED_KEYS = ('gate', *SPECTRAL_BUFFERS)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 slice_sizes: Sequence[int] | None = None, weight_std: float | None = None):
+                 slice_sizes: Sequence[int] | None = None, weight_std: float | None = None,
+                 init_seed: int | None = None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.init_seed = init_seed
         self.slice_sizes = tuple(slice_sizes or (out_features,))
         if sum(self.slice_sizes) != out_features:
             raise ValueError(f'slice_sizes {self.slice_sizes} do not add up to {out_features} rows.')
@@ -103,13 +112,9 @@ class SigmaReparamLinear(_SpectralNorm, nn.Linear):
     def reset_parameters(self) -> None:
         if not hasattr(self, 'gate'):  # called by nn.Linear.__init__ before the gate exists
             return super().reset_parameters()
-        with torch.no_grad():
-            if self.weight_std is not None:
-                self.weight.normal_(0.0, self.weight_std)
-            self.gate.fill_(1.0)
-            if self.bias is not None:
-                self.bias.zero_()
-        self.reset_spectral_norm()
+        self._reset_weight_and_gates()
+        if self.bias is not None:
+            write_(self.bias, torch.zeros(self.bias.shape))
 
     def row_scales(self) -> torch.Tensor:
         """a_s / sigma_s for every output row, shape (out_features, 1); sigma is a constant."""
@@ -145,8 +150,10 @@ class SigmaReparamEmbedding(_SpectralNorm, SharedEmbedding):
     FOLDED_KEYS = ('gate', 'unembed_gate', *SPECTRAL_BUFFERS)
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, device=None,
-                 dtype=None, *, tied_head: bool = False, output_scale: float = 1.0, weight_std: float | None = None):
+                 dtype=None, *, tied_head: bool = False, output_scale: float = 1.0, weight_std: float | None = None,
+                 init_seed: int | None = None):
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype)
+        self.init_seed = init_seed
         self.slice_sizes = (num_embeddings,)
         self.output_scale = float(output_scale)
         self.weight_std = weight_std
@@ -157,13 +164,7 @@ class SigmaReparamEmbedding(_SpectralNorm, SharedEmbedding):
     def reset_parameters(self) -> None:
         if not hasattr(self, 'gate'):
             return super().reset_parameters()
-        with torch.no_grad():
-            if self.weight_std is not None:
-                self.weight.normal_(0.0, self.weight_std)
-            self.gate.fill_(1.0)
-            if self.unembed_gate is not None:
-                self.unembed_gate.fill_(1.0)
-        self.reset_spectral_norm()
+        self._reset_weight_and_gates()
 
     def _sigma(self) -> torch.Tensor:
         return self.sn_sigma.clone().to(self.gate.dtype)

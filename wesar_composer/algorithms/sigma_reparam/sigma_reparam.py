@@ -30,16 +30,7 @@ from llmfoundry.callbacks import HuggingFaceCheckpointer
 from torch import nn
 from torch.optim import Optimizer
 
-from wesar_composer.algorithms.reparam.common import (
-    add_param_group,
-    check_bool,
-    check_non_negative,
-    check_optimizers,
-    check_positive,
-    check_role_map,
-    check_unreparameterized,
-    swap_modules,
-)
+from wesar_composer.algorithms.reparam.common import add_param_group, check_unreparameterized, swap_modules
 from wesar_composer.algorithms.reparam.fold import fold_reparam_on_hf_export
 from wesar_composer.algorithms.sigma_reparam.modules import (
     SigmaReparamEmbedding,
@@ -47,7 +38,19 @@ from wesar_composer.algorithms.sigma_reparam.modules import (
     request_power_iteration,
 )
 from wesar_composer.param_init import is_meta, route_param_init_fn
-from wesar_composer.roles import MatrixSpec, ModelShape, find_matrices, model_shape, unwrap
+from wesar_composer.reparam.checks import (
+    CheckedHparams,
+    check_bool,
+    check_choice,
+    check_non_negative,
+    check_optimizers,
+    check_positive,
+    check_role_map,
+)
+from wesar_composer.reparam.init import draw_base_seed, matrix_seed
+from wesar_composer.reparam.pretrained import resolve_init_mode
+from wesar_composer.reparam.trainer import check_loaded_checkpoint, guard_checkpoints, run_init_mode
+from wesar_composer.roles import MatrixSpec, check_complete, ModelShape, find_matrices, model_shape, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +61,16 @@ METHOD = 'sigma_reparam'
 MODULES = (SigmaReparamLinear, SigmaReparamEmbedding)
 
 
-def check_hparams(sigma_squared, embedding_scaling, gate_weight_decay, role_map) -> float:
+INIT_MODES = ('auto', 'reinit')
+
+
+def check_hparams(sigma_squared, embedding_scaling, gate_weight_decay, role_map, init_mode='auto') -> float:
     """Validate the hyperparameters and return sigma."""
     check_positive('sigma_squared', sigma_squared)
     check_bool('embedding_scaling', embedding_scaling)
     check_non_negative('gate_weight_decay', gate_weight_decay)
     check_role_map(role_map)
+    check_choice('init_mode', init_mode, INIT_MODES)
     return math.sqrt(sigma_squared)
 
 
@@ -80,6 +87,8 @@ def apply_sigma_reparam(
     embedding_scaling: bool = True,
     gate_weight_decay: float = 0.0,
     role_map: Optional[Mapping[str, str]] = None,
+    init_mode: str = 'auto',
+    seed: Optional[int] = None,
 ) -> nn.Module:
     """Reparameterize every weight matrix of ``model`` as a / ||W||_2 * W (Appendix C.2).
 
@@ -90,7 +99,7 @@ def apply_sigma_reparam(
     :func:`~wesar_composer.algorithms.sigma_reparam.request_power_iteration` once per step.
     Everything is validated before the model changes.
     """
-    sigma = check_hparams(sigma_squared, embedding_scaling, gate_weight_decay, role_map)
+    sigma = check_hparams(sigma_squared, embedding_scaling, gate_weight_decay, role_map, init_mode)
     optimizers = check_optimizers(METHOD, optimizers)
     check_unreparameterized(model, METHOD)
     shape = model_shape(model)
@@ -100,12 +109,17 @@ def apply_sigma_reparam(
             f'No weight matrix of {type(unwrap(model)).__name__} matched a role; nothing to reparameterize. '
             'Pass role_map={regex: role} naming its modules.',
         )
+    check_complete(model, specs, METHOD, role_map)
+    resolve_init_mode(METHOD, init_mode, model, INIT_MODES)
+    base_seed = draw_base_seed() if seed is None else int(seed)
     tied_head = shape.tied_embeddings and not any(s.roles == ('p',) for s in specs)  # MPT: wte is the head
     replacements, seen = {}, set()
     for spec in specs:
         shared = id(spec.module.weight) in seen  # a tied Hugging Face head: W is drawn once, by the embedding
         seen.add(id(spec.module.weight))
         replacements[spec.module] = _reparameterized_module(spec, shape, sigma, embedding_scaling, tied_head, not shared)
+    for spec in specs:
+        replacements[spec.module].init_seed = matrix_seed(base_seed, spec.name)
     swap_modules(model, replacements)
     for module in replacements.values():
         if not is_meta(module):  # a meta model is initialized when Composer materializes it
@@ -169,7 +183,7 @@ def _reset_reparameterized(module: nn.Module) -> bool:
     return True
 
 
-class SigmaReparam(Algorithm):
+class SigmaReparam(CheckedHparams, Algorithm):
     """Composer algorithm for sigma-Reparam: :func:`apply_sigma_reparam` at ``Event.INIT``, one power
     iteration per step (requested at ``Event.BATCH_START``, run by the first forward of the step).
 
@@ -182,6 +196,7 @@ class SigmaReparam(Algorithm):
         embedding_scaling: multiply the embedding output by sqrt(V) + sqrt(d) = 1 / std(W_bar_e) at init.
         gate_weight_decay: weight decay of the scalars a (default 0, no decay).
         role_map: extra ``{regex: role}`` entries for architectures the default map misses.
+        init_mode: ``'auto'`` (default: refuse pretrained weights) or ``'reinit'`` (discard them).
     """
 
     def __init__(
@@ -190,8 +205,10 @@ class SigmaReparam(Algorithm):
         embedding_scaling: bool = True,
         gate_weight_decay: float = 0.0,
         role_map: Optional[Mapping[str, str]] = None,
+        init_mode: str = 'auto',
     ):
-        check_hparams(sigma_squared, embedding_scaling, gate_weight_decay, role_map)
+        check_hparams(sigma_squared, embedding_scaling, gate_weight_decay, role_map, init_mode)
+        self.init_mode = init_mode
         self.sigma_squared = sigma_squared
         self.embedding_scaling = embedding_scaling
         self.gate_weight_decay = gate_weight_decay
@@ -200,7 +217,7 @@ class SigmaReparam(Algorithm):
     def __repr__(self) -> str:
         return (
             f'{self.__class__.__name__}(sigma_squared={self.sigma_squared}, embedding_scaling={self.embedding_scaling}, '
-            f'gate_weight_decay={self.gate_weight_decay}, role_map={self.role_map})'
+            f'gate_weight_decay={self.gate_weight_decay}, role_map={self.role_map}, init_mode={self.init_mode!r})'
         )
 
     @staticmethod
@@ -208,11 +225,14 @@ class SigmaReparam(Algorithm):
         return True
 
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.BATCH_START)
+        return event in (Event.INIT, Event.AFTER_LOAD, Event.BATCH_START)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.BATCH_START:
             request_power_iteration(state.model)
+            return
+        if event == Event.AFTER_LOAD:
+            check_loaded_checkpoint(state)
             return
         apply_sigma_reparam(
             state.model,
@@ -221,7 +241,10 @@ class SigmaReparam(Algorithm):
             embedding_scaling=self.embedding_scaling,
             gate_weight_decay=self.gate_weight_decay,
             role_map=self.role_map,
+            init_mode=run_init_mode(state, METHOD, self.init_mode, INIT_MODES),
+            seed=state.rank_zero_seed,
         )
+        guard_checkpoints(state)
         for callback in state.callbacks:
             if isinstance(callback, HuggingFaceCheckpointer):
                 fold_reparam_on_hf_export(callback, state.model)

@@ -30,6 +30,7 @@ from llmfoundry.models.layers.custom_embedding import SharedEmbedding
 from torch import nn
 
 from wesar_composer.algorithms.reparam.common import REPARAMETERIZED
+from wesar_composer.reparam.init import draw_base_seed, full_tensor, normal_like, write_
 
 __all__ = ['WeightNormLinear', 'WeightNormEmbedding', 'row_norms', 'weight_norm_weight']
 
@@ -37,6 +38,18 @@ __all__ = ['WeightNormLinear', 'WeightNormEmbedding', 'row_norms', 'weight_norm_
 def row_norms(weight: torch.Tensor) -> torch.Tensor:
     """||w_i|| of every row, shape (rows, 1), accumulated in float32, in the weight's dtype."""
     return torch.linalg.vector_norm(weight, dim=1, keepdim=True, dtype=torch.float32).to(weight.dtype)
+
+
+def reset_weight_norm(module: nn.Module) -> None:
+    """v ~ N(0, weight_std^2) from the module's seed (kept if ``weight_std`` is None), g = ||v|| per row."""
+    if module.weight_std is not None:
+        if module.init_seed is None:
+            module.init_seed = draw_base_seed()
+        values = normal_like(module.weight, [module.weight_std], module.init_seed)
+        write_(module.weight, values)
+    else:
+        values = full_tensor(module.weight.detach())
+    write_(module.weight_g, row_norms(values))
 
 
 def weight_norm_weight(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -87,20 +100,18 @@ class WeightNormLinear(nn.Linear):
     FOLDED_KEYS = ('weight_g',)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 weight_std: float | None = None):
+                 weight_std: float | None = None, init_seed: int | None = None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weight_std = weight_std
+        self.init_seed = init_seed
         self.weight_g = nn.Parameter(torch.empty(out_features, 1, device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
         if not hasattr(self, 'weight_g'):  # called by nn.Linear.__init__ before weight_g exists
             return super().reset_parameters()
-        with torch.no_grad():
-            if self.weight_std is not None:
-                self.weight.normal_(0.0, self.weight_std)
-            self.weight_g.copy_(row_norms(self.weight))
-            if self.bias is not None:
-                self.bias.zero_()
+        reset_weight_norm(self)
+        if self.bias is not None:
+            write_(self.bias, torch.zeros(self.bias.shape))
 
     def virtual_weight(self) -> torch.Tensor:
         """W_bar = g * v / ||v||."""
@@ -124,19 +135,18 @@ class WeightNormEmbedding(SharedEmbedding):
     FOLDED_KEYS = ('weight_g',)
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, device=None,
-                 dtype=None, *, weight_std: float | None = None, output_scale: float = 1.0):
+                 dtype=None, *, weight_std: float | None = None, output_scale: float = 1.0,
+                 init_seed: int | None = None):
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype)
         self.weight_std = weight_std
+        self.init_seed = init_seed
         self.output_scale = float(output_scale)
         self.weight_g = nn.Parameter(torch.empty(num_embeddings, 1, device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
         if not hasattr(self, 'weight_g'):
             return super().reset_parameters()
-        with torch.no_grad():
-            if self.weight_std is not None:
-                self.weight.normal_(0.0, self.weight_std)  # no zero padding row: its norm would be 0
-            self.weight_g.copy_(row_norms(self.weight))
+        reset_weight_norm(self)  # no zero padding row: its norm would be 0
 
     def virtual_weight(self) -> torch.Tensor:
         return weight_norm_weight(self.weight, self.weight_g)

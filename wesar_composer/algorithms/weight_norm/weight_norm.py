@@ -20,20 +20,23 @@ from llmfoundry.callbacks import HuggingFaceCheckpointer
 from torch import nn
 from torch.optim import Optimizer
 
-from wesar_composer.algorithms.reparam.common import (
-    add_param_group,
+from wesar_composer.algorithms.reparam.common import add_param_group, check_unreparameterized, swap_modules
+from wesar_composer.algorithms.reparam.fold import fold_reparam_on_hf_export
+from wesar_composer.algorithms.weight_norm.modules import WeightNormEmbedding, WeightNormLinear
+from wesar_composer.param_init import is_meta, route_param_init_fn
+from wesar_composer.reparam.checks import (
+    CheckedHparams,
     check_bool,
+    check_choice,
     check_non_negative,
     check_optimizers,
     check_positive,
     check_role_map,
-    check_unreparameterized,
-    swap_modules,
 )
-from wesar_composer.algorithms.reparam.fold import fold_reparam_on_hf_export
-from wesar_composer.algorithms.weight_norm.modules import WeightNormEmbedding, WeightNormLinear
-from wesar_composer.param_init import is_meta, route_param_init_fn
-from wesar_composer.roles import MatrixSpec, find_matrices, model_shape, unwrap
+from wesar_composer.reparam.init import draw_base_seed, matrix_seed
+from wesar_composer.reparam.pretrained import resolve_init_mode
+from wesar_composer.reparam.trainer import check_loaded_checkpoint, guard_checkpoints, run_init_mode
+from wesar_composer.roles import MatrixSpec, check_complete, find_matrices, model_shape, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +47,16 @@ METHOD = 'weight_norm'
 MODULES = (WeightNormLinear, WeightNormEmbedding)
 
 
-def check_hparams(sigma_squared, embedding_scaling, gain_weight_decay, role_map) -> float:
+INIT_MODES = ('auto', 'reinit')
+
+
+def check_hparams(sigma_squared, embedding_scaling, gain_weight_decay, role_map, init_mode='auto') -> float:
     """Validate the hyperparameters and return sigma."""
     check_positive('sigma_squared', sigma_squared)
     check_bool('embedding_scaling', embedding_scaling)
     check_non_negative('gain_weight_decay', gain_weight_decay)
     check_role_map(role_map)
+    check_choice('init_mode', init_mode, INIT_MODES)
     return math.sqrt(sigma_squared)
 
 
@@ -61,6 +68,8 @@ def apply_weight_norm(
     embedding_scaling: bool = True,
     gain_weight_decay: float = 0.0,
     role_map: Optional[Mapping[str, str]] = None,
+    init_mode: str = 'auto',
+    seed: Optional[int] = None,
 ) -> nn.Module:
     """Weight-normalize every row of every weight matrix of ``model`` (Appendix C.1).
 
@@ -70,7 +79,7 @@ def apply_weight_norm(
     with ``gain_weight_decay``. A meta-device model gets the same init when Composer
     materializes it. Everything is validated before the model changes.
     """
-    sigma = check_hparams(sigma_squared, embedding_scaling, gain_weight_decay, role_map)
+    sigma = check_hparams(sigma_squared, embedding_scaling, gain_weight_decay, role_map, init_mode)
     optimizers = check_optimizers(METHOD, optimizers)
     check_unreparameterized(model, METHOD)
     model_shape(model)  # raises if width and depth cannot be read
@@ -80,11 +89,16 @@ def apply_weight_norm(
             f'No weight matrix of {type(unwrap(model)).__name__} matched a role; nothing to normalize. '
             'Pass role_map={regex: role} naming its modules.',
         )
+    check_complete(model, specs, METHOD, role_map)
+    resolve_init_mode(METHOD, init_mode, model, INIT_MODES)
+    base_seed = draw_base_seed() if seed is None else int(seed)
     replacements, seen = {}, set()
     for spec in specs:
         shared = id(spec.module.weight) in seen  # a tied head: its weight is drawn once, by the embedding
         seen.add(id(spec.module.weight))
         replacements[spec.module] = _normalized_module(spec, sigma, embedding_scaling, draw=not shared)
+    for spec in specs:
+        replacements[spec.module].init_seed = matrix_seed(base_seed, spec.name)
     swap_modules(model, replacements)
     for module in replacements.values():
         if not is_meta(module):  # a meta model is initialized when Composer materializes it
@@ -125,7 +139,7 @@ def _reset_normalized(module: nn.Module) -> bool:
     return True
 
 
-class WeightNorm(Algorithm):
+class WeightNorm(CheckedHparams, Algorithm):
     """Composer algorithm for Weight Normalization: runs :func:`apply_weight_norm` at ``Event.INIT``.
 
     YAML: ``algorithms: {weight_norm: {sigma_squared: 1.6e-4}}``. An llm-foundry
@@ -137,6 +151,7 @@ class WeightNorm(Algorithm):
         embedding_scaling: multiply the embedding output by 1 / sigma (default on, as in the paper).
         gain_weight_decay: weight decay of the per-row lengths g (default 0, no decay).
         role_map: extra ``{regex: role}`` entries for architectures the default map misses.
+        init_mode: ``'auto'`` (default: refuse pretrained weights) or ``'reinit'`` (discard them).
     """
 
     def __init__(
@@ -145,8 +160,10 @@ class WeightNorm(Algorithm):
         embedding_scaling: bool = True,
         gain_weight_decay: float = 0.0,
         role_map: Optional[Mapping[str, str]] = None,
+        init_mode: str = 'auto',
     ):
-        check_hparams(sigma_squared, embedding_scaling, gain_weight_decay, role_map)
+        check_hparams(sigma_squared, embedding_scaling, gain_weight_decay, role_map, init_mode)
+        self.init_mode = init_mode
         self.sigma_squared = sigma_squared
         self.embedding_scaling = embedding_scaling
         self.gain_weight_decay = gain_weight_decay
@@ -155,7 +172,7 @@ class WeightNorm(Algorithm):
     def __repr__(self) -> str:
         return (
             f'{self.__class__.__name__}(sigma_squared={self.sigma_squared}, embedding_scaling={self.embedding_scaling}, '
-            f'gain_weight_decay={self.gain_weight_decay}, role_map={self.role_map})'
+            f'gain_weight_decay={self.gain_weight_decay}, role_map={self.role_map}, init_mode={self.init_mode!r})'
         )
 
     @staticmethod
@@ -163,9 +180,12 @@ class WeightNorm(Algorithm):
         return True
 
     def match(self, event: Event, state: State) -> bool:
-        return event == Event.INIT
+        return event in (Event.INIT, Event.AFTER_LOAD)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.AFTER_LOAD:
+            check_loaded_checkpoint(state)
+            return
         apply_weight_norm(
             state.model,
             optimizers=state.optimizers,
@@ -173,7 +193,10 @@ class WeightNorm(Algorithm):
             embedding_scaling=self.embedding_scaling,
             gain_weight_decay=self.gain_weight_decay,
             role_map=self.role_map,
+            init_mode=run_init_mode(state, METHOD, self.init_mode, INIT_MODES),
+            seed=state.rank_zero_seed,
         )
+        guard_checkpoints(state)
         for callback in state.callbacks:
             if isinstance(callback, HuggingFaceCheckpointer):
                 fold_reparam_on_hf_export(callback, state.model)

@@ -10,7 +10,6 @@ last position are left out exactly as the cross-entropy leaves them out. The pap
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Optional
 
 import torch
@@ -18,6 +17,8 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from composer.utils import ensure_tuple
 from torch.nn.parallel import DistributedDataParallel
+
+from wesar_composer.reparam.checks import CheckedHparams, check_positive
 
 __all__ = ['ZLoss', 'z_loss', 'loss_targets', 'add_z_loss']
 
@@ -28,11 +29,7 @@ LM_LOSS_KEY = 'loss'  # the model's own loss, logged as loss/train/loss (llm-fou
 
 
 def check_weight(weight: float) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise ValueError(f'z_loss weight must be a positive finite number, got {weight!r}.')
-    if not math.isfinite(weight) or weight <= 0:
-        raise ValueError(f'z_loss weight must be a positive finite number, got {weight!r}.')
-    return float(weight)
+    return check_positive('z_loss weight', weight)
 
 
 def z_loss(logits: torch.Tensor, targets: Optional[torch.Tensor] = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -100,7 +97,7 @@ def _logits(outputs: Any) -> torch.Tensor:
     )
 
 
-class ZLoss(Algorithm):
+class ZLoss(CheckedHparams, Algorithm):
     """Adds ``weight * mean(logsumexp(logits)^2)`` to the training loss at ``Event.AFTER_LOSS``.
 
     YAML: ``algorithms: {z_loss: {weight: 1.0e-4}}``. Works on llm-foundry's MPT and
