@@ -70,3 +70,32 @@ def llama(tmp_path, d_model=128, n_heads=4, kv_heads=2, n_layers=4, vocab_size=5
         pretrained=False,
         use_train_metrics=False,
     )
+
+
+INIT_SEED = 17  # the algorithms' seed in the distributed-init tests
+
+
+def mpt_for_init(init_device='cpu') -> ComposerMPTCausalLM:
+    """A tiny MPT with GQA (q, k, v slices of two widths) for the init tests."""
+    return mpt(d_model=64, n_heads=4, kv_n_heads=2, n_layers=2, vocab_size=256, init_device=init_device)
+
+
+def _apply_with_seed():
+    from wesar_composer import (
+        apply_paper_init,
+        apply_residual_scaling,
+        apply_sigma_reparam,
+        apply_weight_norm,
+        apply_wesar,
+    )
+
+    return {
+        'wesar': apply_wesar,
+        'paper_init': apply_paper_init,
+        'weight_norm': apply_weight_norm,
+        'sigma_reparam': apply_sigma_reparam,
+        'residual_scaling': apply_residual_scaling,
+    }
+
+
+APPLY_WITH_SEED = _apply_with_seed()
