@@ -32,7 +32,22 @@ def test_demo_yaml_is_the_rapid_recipe_scaled_down():
     assert small['algorithms']['paper_init'] == {'backbone': 'small', 'embedding_scaling': True}
 
 
-def test_demo_runs_both_methods_and_reports(tiny_mds, tmp_path, capsys):
+@pytest.fixture
+def console_bound_transformers_logging():
+    """transformers' log handler as in a real process: bound to the console's stderr, its once-only warnings unseen."""
+    import logging
+    import sys
+
+    handlers = [h for h in logging.getLogger('transformers').handlers if type(h) is logging.StreamHandler]
+    assert handlers
+    saved = [h.setStream(sys.__stderr__) for h in handlers]
+    logging.Logger.warning_once.cache_clear()  # the GenerationMixin warning is logged once per process
+    yield
+    for handler, stream in zip(handlers, saved):
+        handler.setStream(stream)
+
+
+def test_demo_runs_both_methods_and_reports(tiny_mds, tmp_path, capfd, console_bound_transformers_logging):
     out = tmp_path / 'demo'
     n_layers = 2
     report, results = demo.run_demo(
@@ -53,7 +68,12 @@ def test_demo_runs_both_methods_and_reports(tiny_mds, tmp_path, capsys):
         data_dir=str(tiny_mds.root),
         max_chars=tiny_mds.manifest['settings']['max_chars'],
     )
-    printed = capsys.readouterr().out
+    captured = capfd.readouterr()
+    printed = captured.out
+    console = captured.out + captured.err
+    for noise in ('GenerationMixin', 'Unrecognized keys in `rope_scaling`', 'it/s]'):  # nothing of llm-foundry's leaks
+        assert noise not in console, noise
+    assert [line for line in console.splitlines() if line.strip() and not line.startswith('[wesar-demo] ')] == []
     assert [r.method for r in results] == ['small_init', 'wesar']
     for r in results:
         assert r.batches == 6 and r.tokens == 6 * 8 * tiny_mds.seq_len
@@ -69,6 +89,11 @@ def test_demo_runs_both_methods_and_reports(tiny_mds, tmp_path, capsys):
     assert wesar.d_over_u == pytest.approx(1.0, rel=0.3)
     text = report.read_text()
     assert '| Small init (baseline) |' in text and '| WeSaR |' in text
+    # evaluation was limited to 2 batches of 64 sequences: the report says so, not "the whole split"
+    val_tokens = tiny_mds.manifest['stats']['val']['mds_tokens']
+    assert 'whole validation split' not in text
+    assert (f'on the first 2 batches of 64 validation sequences, {min(2 * 64 * tiny_mds.seq_len, val_tokens):,} '
+            f"of the split's {val_tokens:,} tokens (eval_subset_num_batches: 2)") in text
     assert f'{small.val_loss:.3f}' in text and f'{wesar.val_perplexity:.1f}' in text
     pictures = sorted(p.name for p in out.glob('*.png'))
     assert pictures == ['param_norm_L1.png', 'update_ratio_L1.png', 'update_ratio_heatmap.png']
@@ -82,6 +107,39 @@ def test_demo_runs_both_methods_and_reports(tiny_mds, tmp_path, capsys):
     assert set(runs) == {'demo-small_init', 'demo-wesar'}
     assert all(r.info.status == 'FINISHED' for r in runs.values())
     assert runs['demo-wesar'].data.metrics['loss_spike/count'] == results[1].spikes
+
+
+def test_report_says_whole_split_when_evaluation_is_not_limited():
+    assert demo._evaluated({'val_tokens': 124032, 'eval_tokens': 124032, 'eval_batches': -1, 'eval_batch_size': 64}) \
+        == 'the whole validation split (124,032 tokens)'
+
+
+def test_known_noise_is_dropped_by_logger_and_message_only():
+    import logging
+
+    demo.quiet_known_noise()
+    demo.quiet_known_noise()  # once per process, however often called
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append((record.name, record.getMessage()))
+    message = {name: f'X has generative capabilities ... {fragment} ...' for name, fragment in demo.KNOWN_NOISE.items()}
+    for name in demo.KNOWN_NOISE:
+        logger = logging.getLogger(name)
+        assert sum(isinstance(f, demo._DropMessage) for f in logger.filters) == 1
+        logger.addHandler(handler)
+        try:
+            logger.warning(message[name])
+            logger.warning('Some other warning')
+        finally:
+            logger.removeHandler(handler)
+    other = logging.getLogger('transformers.generation.utils')
+    other.addHandler(handler)
+    try:
+        other.warning(message['transformers.modeling_utils'])
+    finally:
+        other.removeHandler(handler)
+    assert seen == [(name, 'Some other warning') for name in demo.KNOWN_NOISE] + \
+        [('transformers.generation.utils', message['transformers.modeling_utils'])]
 
 
 def test_demo_reports_a_missing_yaml(tmp_path, capsys):

@@ -78,6 +78,10 @@ def test_quick_grid_writes_results_figures_and_page(tiny_mds, tmp_path, capsys):
     assert (ex.QUICK.vocab_size, ex.QUICK.seq_len) == (tiny_mds.vocab_size, tiny_mds.seq_len)
     rc = ex.main(['--quick', '--out', str(out), '--data-dir', str(tiny_mds.root), '--page', str(page)])
     assert rc == 0
+    printed = capsys.readouterr().out
+    assert '[wesar-demo]' not in printed  # progress lines carry the command's own tag and the run's name
+    first = ex.plan(ex.QUICK)[0].name
+    assert f'[wesar-experiments] {first}: batch {ex.QUICK.steps}/{ex.QUICK.steps} loss ' in printed
     rows = ex.read_results(out / ex.RESULTS_CSV)
     expected = {s.name for s in ex.plan(ex.QUICK)}
     assert {r['run_name'] for r in rows} == expected
@@ -102,6 +106,21 @@ def test_quick_grid_writes_results_figures_and_page(tiny_mds, tmp_path, capsys):
     assert 'old table' not in text and 'Prose stays.' in text and 'kept as is' in text
     assert ex.render_tables(rows)['main-base'] in text
     assert ex.render_tables(rows)['lr'] in text
+
+
+def test_a_missing_page_is_refused_before_any_figure(tmp_path, capsys):
+    results = tmp_path / 'results'
+    results.mkdir()
+    ex._append_row(results / ex.RESULTS_CSV, dict(
+        group='main', method='wesar', label='WeSaR', shape='base', d_model=64, n_layers=4, seed=0, setting='rapid',
+        lr=1e-3, batch=16, steps=120, warmup=2, tokens=120 * 16 * 64, n_params=1000, val_loss=4.5,
+        val_ppl=math.exp(4.5), final_train_loss=4.5, spikes=0, diverged=0, d_over_u_last=1.0, wall_s=100.0,
+        batch_s=0.5, run_name='main-base-wesar-s0', run_id=''))
+    missing = tmp_path / 'missing.md'
+    assert ex.main(['--render', str(results), '--page', str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"--page '{missing}' does not exist" in err
+    assert not (results / 'figures').exists()  # checked before drawing
 
 
 def test_render_reproduces_the_tables_from_a_results_file(tmp_path):

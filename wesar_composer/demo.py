@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import os
 import statistics
@@ -39,24 +40,65 @@ PROGRESS_CALLBACK = 'wesar_demo_progress'
 PROGRESS_INTERVAL = 10  # batches between progress lines
 
 
+DEFAULT_TAG = 'wesar-demo'  # the [tag] of progress lines; wesar-experiments passes its own
 _console = None  # where progress goes while llm-foundry's own output is sent to a log file
 
 
-def _say(line: str) -> None:
-    print(f'[wesar-demo] {line}', file=_console or sys.stdout, flush=True)
+def _say(line: str, tag: str = DEFAULT_TAG) -> None:
+    print(f'[{tag}] {line}', file=_console or sys.stdout, flush=True)
+
+
+# Messages every llm-foundry MPT run prints that say nothing about the run, dropped by logger and text:
+# MPT generates (an exported model is tested with generate) though it does not inherit GenerationMixin,
+# and llm-foundry's hf RoPE config carries a `factor` that the default RoPE type ignores.
+KNOWN_NOISE = {
+    'transformers.modeling_utils': "doesn't directly inherit from `GenerationMixin`",
+    'transformers.modeling_rope_utils': 'Unrecognized keys in `rope_scaling`',
+}
+
+
+class _DropMessage(logging.Filter):
+    """Drops the records of one logger whose message contains ``fragment``."""
+
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+def quiet_known_noise() -> None:
+    """Install the filters of :data:`KNOWN_NOISE` (once per process)."""
+    for name, fragment in KNOWN_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.fragment == fragment for f in logger.filters):
+            logger.addFilter(_DropMessage(fragment))
+
+
+def _console_handlers() -> list[logging.StreamHandler]:
+    """Logging handlers that write to the console (transformers binds its own to stderr at import)."""
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in ('transformers', 'composer', 'llmfoundry')]
+    consoles = {id(sys.__stderr__), id(sys.__stdout__), id(sys.stderr), id(sys.stdout)}
+    return [h for lg in loggers for h in lg.handlers
+            if isinstance(h, logging.StreamHandler) and id(getattr(h, 'stream', None)) in consoles]
 
 
 @contextlib.contextmanager
 def _output_to(log_path: Path):
-    """Send stdout and stderr to ``log_path``; ``_say`` keeps writing to the console."""
+    """Send stdout, stderr and the console logging handlers to ``log_path``; ``_say`` keeps writing to the console."""
     global _console
     saved = _console
     with open(log_path, 'w') as log_file:
         _console = saved or sys.stdout
+        handlers = _console_handlers()
+        streams = [h.setStream(log_file) for h in handlers]
         try:
             with contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
                 yield
         finally:
+            for handler, stream in zip(handlers, streams):
+                handler.setStream(stream)
             _console = saved
 
 
@@ -78,11 +120,15 @@ def find_demo_yaml(path: Optional[str] = None) -> Path:
 
 
 class DemoProgress(Callback):
-    """One line every ``interval`` batches and after each evaluation: loss, lr, spikes, time left."""
+    """One line every ``interval`` batches and after each evaluation: loss, lr, spikes, time left.
 
-    def __init__(self, label: str = '', interval: int = PROGRESS_INTERVAL):
+    Lines read ``[tag] label: batch 10/300 loss ...`` on the console.
+    """
+
+    def __init__(self, label: str = '', interval: int = PROGRESS_INTERVAL, tag: str = DEFAULT_TAG):
         self.label = label
         self.interval = interval
+        self.tag = tag
         self._start: Optional[float] = None
 
     def fit_start(self, state: State, logger: Logger) -> None:
@@ -106,6 +152,7 @@ class DemoProgress(Callback):
             + (f' spikes {spikes}' if spikes is not None else '')
             + f' ({per_batch:.2f} s/batch'
             + (f', {per_batch * (total - batch) / 60:.1f} min left)' if total else ')'),
+            self.tag,
         )
 
     def eval_end(self, state: State, logger: Logger) -> None:
@@ -113,7 +160,7 @@ class DemoProgress(Callback):
         if 'LanguageCrossEntropy' in metrics:
             ce = float(metrics['LanguageCrossEntropy'].compute())
             _say(f'{self.label}: eval at batch {state.timestamp.batch.value}: '
-                 f'loss {ce:.3f}, perplexity {math.exp(ce):.1f}')
+                 f'loss {ce:.3f}, perplexity {math.exp(ce):.1f}', self.tag)
 
 
 def _spike_count(callbacks: Sequence[Callback]) -> Optional[int]:
@@ -148,11 +195,21 @@ class RunResult:
 
 
 def load_config(yaml_path: Path, overrides: Sequence[str]):
+    """The YAML with ``overrides``; its relative ``code_paths`` found from any working folder.
+
+    llm-foundry reads ``code_paths`` relative to the working folder (the repository root for
+    the demo YAML); one missing there is taken from the repository that holds the YAML.
+    """
     from omegaconf import OmegaConf as om
 
     cfg = om.load(yaml_path)
     if overrides:
         cfg = om.merge(cfg, om.from_dotlist(list(overrides)))
+    if cfg.get('code_paths'):
+        parents = Path(yaml_path).resolve().parents
+        repo = parents[2] if len(parents) > 2 else parents[0]  # <repo>/yamls/demo/demo.yaml
+        cfg.code_paths = [p if Path(p).is_absolute() or Path(p).exists() or not (repo / p).is_file()
+                          else str(repo / p) for p in cfg.code_paths]
     return cfg
 
 
@@ -182,19 +239,22 @@ def _result(trainer, method: str, wall: float) -> RunResult:
     )
 
 
-def train_one(cfg, method: str, log_path: Optional[Path] = None) -> RunResult:
+def train_one(cfg, method: str, log_path: Optional[Path] = None, tag: str = DEFAULT_TAG,
+              label: Optional[str] = None) -> RunResult:
     """Train one method through llm-foundry's train path and collect its results.
 
     llm-foundry's console output (the resolved config, warnings) goes to ``log_path`` if given;
-    the progress lines of :class:`DemoProgress` stay on the console.
+    the progress lines of :class:`DemoProgress` stay on the console, as ``[tag] label: ...``
+    (label: the method by default).
     """
     from llmfoundry.command_utils import train
     from omegaconf import OmegaConf as om
 
+    quiet_known_noise()
     cfg = om.merge(cfg, om.create({
         'variables': {'method': method},
         'progress_bar': False,
-        'callbacks': {PROGRESS_CALLBACK: {'label': method}},
+        'callbacks': {PROGRESS_CALLBACK: {'label': label or method, 'tag': tag}},
     }))
     start = time.perf_counter()
     with _output_to(log_path) if log_path is not None else contextlib.nullcontext():
@@ -235,6 +295,18 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return '-' if value is None else format(value, spec)
 
 
+def _evaluated(data_summary: dict[str, Any]) -> str:
+    """What the validation loss was computed on: the whole split, or the batches evaluation was limited to."""
+    total = data_summary['val_tokens']
+    evaluated = data_summary.get('eval_tokens', total)
+    if evaluated >= total:
+        return f'the whole validation split ({total:,} tokens)'
+    batches = data_summary['eval_batches']
+    return (f'the first {"batch" if batches == 1 else f"{batches} batches"} of {data_summary["eval_batch_size"]} '
+            f'validation sequences, {evaluated:,} of the split\'s {total:,} tokens '
+            f'(eval_subset_num_batches: {batches})')
+
+
 def write_report(
     results: list[RunResult],
     out_dir: Path,
@@ -251,7 +323,7 @@ def write_report(
         f'{cfg_summary["batches"]} batches of {cfg_summary["batch_tokens"]:,} tokens, '
         f'lr {cfg_summary["lr"]:g} (the rapid recipe scaled down; `yamls/demo/demo.yaml`). '
         f'Data: {data_summary["train_tokens"]:,} training tokens of Project Gutenberg Shakespeare and '
-        f'Milton; validation on {data_summary["val_tokens"]:,} tokens of held-out works.',
+        f'Milton; the validation split holds {data_summary["val_tokens"]:,} tokens of held-out works.',
         '',
         '| run | val loss | val perplexity | loss spikes | d/u update-ratio gap (all layers / last) | wall time |',
         '|---|---|---|---|---|---|',
@@ -264,7 +336,7 @@ def write_report(
         )
     lines += [
         '',
-        '- val loss: cross entropy (nats/token) on the whole validation split after the last step; '
+        f'- val loss: cross entropy (nats/token) on {_evaluated(data_summary)} after the last step; '
         'perplexity = exp(loss).',
         '- loss spikes: `loss_spike_counter` (a batch whose loss is >= 1.5x the mean of the recent '
         'non-spike losses starts a spike).',
@@ -343,7 +415,10 @@ def run_demo(
         from wesar_composer import plotting
 
         runs = plotting.load_runs(tracking_uri, run_ids)
-        pictures = plotting.plot_runs(runs, str(out_dir))
+        try:
+            pictures = plotting.plot_runs(runs, str(out_dir))
+        except KeyError as err:  # e.g. a run shorter than the monitor's log_interval
+            _say(f'pictures left out: {err.args[0]}')
 
     resolved = om.to_container(cfg, resolve=True)
     cfg_summary = {
@@ -354,7 +429,12 @@ def run_demo(
         'batch_tokens': resolved['global_train_batch_size'] * resolved['max_seq_len'],
         'lr': resolved['optimizer']['lr'],
     }
-    data_summary = {'train_tokens': data.tokens['train'], 'val_tokens': data.tokens['val']}
+    eval_batches, eval_batch_size = resolved.get('eval_subset_num_batches', -1), resolved['device_eval_batch_size']
+    val_samples = data.manifest['stats']['val']['mds_samples']
+    evaluated = val_samples if eval_batches < 0 else min(val_samples, eval_batches * eval_batch_size)
+    data_summary = {'train_tokens': data.tokens['train'], 'val_tokens': data.tokens['val'],
+                    'eval_tokens': evaluated * data.seq_len, 'eval_batches': eval_batches,
+                    'eval_batch_size': eval_batch_size}
     report = write_report(results, out_dir, pictures, cfg_summary, data_summary)
     _say(f'done in {(time.perf_counter() - total_start) / 60:.1f} min: {report}')
     for picture in pictures:

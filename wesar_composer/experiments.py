@@ -116,8 +116,11 @@ SETTINGS = {
 MIN_WARMUP = 2  # batches; the rapid fraction rounds to 0 at CPU scale
 
 
+TAG = 'wesar-experiments'
+
+
 def _say(line: str) -> None:
-    print(f'[wesar-experiments] {line}', flush=True)
+    print(f'[{TAG}] {line}', flush=True)
 
 
 # ------------------------------------------------------------------------------ the grid
@@ -222,7 +225,8 @@ def build_config(spec: RunSpec, scale: Scale, shapes: dict[str, dict[str, int]],
     callbacks.pop('speed_monitor', None)
     callbacks[RECORDER_CALLBACK] = {'path': str(out_dir / 'curves' / f'{spec.name}.json')}
     if spec.monitor:
-        callbacks['update_ratio_monitor'] = {'log_interval': scale.monitor_interval}
+        # every layer: the heatmap and the d/u gap of each layer
+        callbacks['update_ratio_monitor'] = {'log_interval': scale.monitor_interval, 'layers': 'all'}
     else:
         callbacks.pop('update_ratio_monitor', None)
         container['loggers'] = {}
@@ -312,8 +316,9 @@ def _init_worker(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    import warnings
-    warnings.filterwarnings('ignore')
+    from wesar_composer import demo
+
+    demo.quiet_known_noise()  # the rest of a run's output goes to its log file
 
 
 def run_one(spec: RunSpec, scale: Scale, shapes: dict[str, dict[str, int]], data_root: str, out_dir: str) -> dict:
@@ -325,7 +330,7 @@ def run_one(spec: RunSpec, scale: Scale, shapes: dict[str, dict[str, int]], data
     tracking_uri = str((out / 'mlruns').resolve())
     cfg = build_config(spec, scale, shapes, data_root, tracking_uri, out)
     (out / 'logs').mkdir(parents=True, exist_ok=True)
-    result = demo.train_one(cfg, spec.method, out / 'logs' / f'{spec.name}.log')
+    result = demo.train_one(cfg, spec.method, out / 'logs' / f'{spec.name}.log', tag=TAG, label=spec.name)
     d_over_u_last = float('nan')
     if result.run_id is not None:
         _, last = demo.update_ratio_gap(tracking_uri, result.run_id)
@@ -746,6 +751,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help='only redraw the figures and refresh --page from OUT/results.csv')
     parser.add_argument('--no-figures', action='store_true')
     args = parser.parse_args(argv)
+    if args.page and not Path(args.page).is_file():  # checked before any run or figure
+        print(f'wesar-experiments: error: --page {args.page!r} does not exist; it must be a results page with '
+              '<!-- BEGIN GENERATED name --> ... <!-- END GENERATED name --> blocks (e.g. docs/reproduction.md).',
+              file=sys.stderr)
+        return 2
 
     if args.render:
         out_dir = Path(args.render)

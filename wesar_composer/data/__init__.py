@@ -4,9 +4,11 @@ from wesar_composer.data.build import (
     DEFAULT_SEQ_LEN,
     DEFAULT_VOCAB_SIZE,
     DatasetExistsError,
+    DatasetMissingError,
     DatasetPaths,
     build_dataset,
     default_output_dir,
+    require_dataset,
 )
 from wesar_composer.data.corpus import CorpusSourceError
 
@@ -15,7 +17,9 @@ __all__ = [
     'DEFAULT_VOCAB_SIZE',
     'CorpusSourceError',
     'DatasetExistsError',
+    'DatasetMissingError',
     'DatasetPaths',
     'build_dataset',
     'default_output_dir',
+    'require_dataset',
 ]

@@ -3,7 +3,7 @@
 Layout of a dataset folder::
 
     manifest.json          what was built, from what, with which settings (written last)
-    tokenizer/             PreTrainedTokenizerFast: llm-foundry `tokenizer: {name: <this dir>}`
+    tokenizer/             GPT2TokenizerFast: llm-foundry `tokenizer: {name: <this dir>}`
     text/{train,val}/      one cleaned .txt per document
     mds/{train,val}/       MDS shards, column `tokens` (int32, seq_len each):
                            llm-foundry `dataset: {local: <mds dir>, split: train|val}`
@@ -11,7 +11,9 @@ Layout of a dataset folder::
 The build goes into a temporary folder beside the target and is renamed into place when
 complete, so a folder holding ``manifest.json`` is always whole. A folder whose manifest has
 the same settings is reused as is; a folder with other settings or other content is never
-overwritten.
+overwritten. The manifest's ``format`` stamps the version of the build: a dataset of the same
+settings built by an older version (format 1 saved a tokenizer that returns ``token_type_ids``)
+is rebuilt and replaced.
 """
 
 from __future__ import annotations
@@ -35,13 +37,18 @@ __all__ = [
     'DEFAULT_SEQ_LEN',
     'DatasetPaths',
     'DatasetExistsError',
+    'DatasetMissingError',
     'build_dataset',
+    'require_dataset',
+    'check_train_config',
+    'register_train_config_check',
     'default_output_dir',
     'main',
 ]
 
 MANIFEST = 'manifest.json'
-MANIFEST_FORMAT = 1
+# 1: PreTrainedTokenizerFast that returns token_type_ids; 2: GPT2TokenizerFast, input_ids and attention_mask
+MANIFEST_FORMAT = 2
 DEFAULT_VOCAB_SIZE = 4096
 DEFAULT_SEQ_LEN = 128
 DEFAULT_ROOT = 'data'
@@ -50,6 +57,10 @@ SPLITS = ('train', 'val')
 
 class DatasetExistsError(RuntimeError):
     """The output folder holds something else than the dataset asked for."""
+
+
+class DatasetMissingError(FileNotFoundError):
+    """No built dataset where a config points: names the folder and the command that builds it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +153,17 @@ def _paths(root: Path, manifest: dict) -> DatasetPaths:
     )
 
 
+def _stale(root: Path, settings: dict) -> Optional[int]:
+    """The format of the dataset at ``root`` if an older version built it with ``settings``, else None."""
+    manifest = _read_manifest(root) if root.is_dir() else None
+    if manifest is None:
+        return None
+    found = manifest.get('format')
+    if isinstance(found, int) and found < MANIFEST_FORMAT and manifest.get('settings') == settings:
+        return found
+    return None
+
+
 def _reuse(root: Path, settings: dict) -> Optional[DatasetPaths]:
     """The dataset at ``root`` if it was built with ``settings``; None if ``root`` is free."""
     if not root.exists():
@@ -174,27 +196,30 @@ def _convert_to_mds(text_dir: Path, out_dir: Path, tokenizer_dir: Path, seq_len:
     """llm-foundry's text-to-MDS conversion (ConcatTokensFromFilesDataset -> MDSWriter).
 
     Files go in sorted order, one document each, separated by ``<|endoftext|>``, so the shards
-    do not depend on file system order.
+    do not depend on file system order. Its tqdm bar shows on a terminal only: written to a log
+    file or a pipe, a bar is one long line of carriage returns.
     """
-    from llmfoundry.command_utils.data_prep.convert_text_to_mds import (
-        download_and_convert,
-        write_done_file,
-    )
+    import functools
+    from unittest import mock
+
+    from llmfoundry.command_utils.data_prep import convert_text_to_mds
+    from tqdm import tqdm
 
     names = sorted(str(p) for p in text_dir.glob('*.txt'))
-    download_and_convert(
-        file_names=names,
-        output_folder=str(out_dir),
-        input_folder=str(text_dir),
-        tokenizer_name=str(tokenizer_dir),
-        concat_tokens=seq_len,
-        eos_text=EOS_TOKEN,
-        bos_text='',
-        no_wrap=False,
-        compression=None,
-        trust_remote_code=False,
-    )
-    write_done_file(str(out_dir), f'concat_tokens={seq_len} eos_text={EOS_TOKEN}', names)
+    with mock.patch.object(convert_text_to_mds, 'tqdm', functools.partial(tqdm, disable=None)):  # None: off unless a TTY
+        convert_text_to_mds.download_and_convert(
+            file_names=names,
+            output_folder=str(out_dir),
+            input_folder=str(text_dir),
+            tokenizer_name=str(tokenizer_dir),
+            concat_tokens=seq_len,
+            eos_text=EOS_TOKEN,
+            bos_text='',
+            no_wrap=False,
+            compression=None,
+            trust_remote_code=False,
+        )
+    convert_text_to_mds.write_done_file(str(out_dir), f'concat_tokens={seq_len} eos_text={EOS_TOKEN}', names)
 
 
 def _build_into(
@@ -284,10 +309,15 @@ def build_dataset(
     root = Path(output_dir) if output_dir is not None else default_output_dir(vocab_size, seq_len, max_chars)
     progress = progress or (lambda line: print(f'[wesar-data] {line}', file=sys.stderr, flush=True))
 
-    found = _reuse(root, settings)
-    if found is not None:
-        progress(f'{root}: up to date, nothing to do')
-        return found
+    stale = _stale(root, settings)
+    if stale is not None:
+        progress(f'{root}: built by an older wesar-data (format {stale}, now {MANIFEST_FORMAT}: '
+                 'its tokenizer returned token_type_ids); rebuilding it')
+    else:
+        found = _reuse(root, settings)
+        if found is not None:
+            progress(f'{root}: up to date, nothing to do')
+            return found
 
     root.parent.mkdir(parents=True, exist_ok=True)
     progress(f'building {root}')
@@ -298,6 +328,10 @@ def build_dataset(
             json.dump(manifest, f, indent=2)
             f.write('\n')
         try:
+            if stale is not None and _stale(root, settings) == stale:  # still the old build: set it aside
+                old = Path(tempfile.mkdtemp(dir=root.parent, prefix=f'.{root.name}.old-'))
+                os.rename(root, old / root.name)
+                shutil.rmtree(old, ignore_errors=True)
             if root.is_dir():
                 root.rmdir()  # only if empty: _reuse checked it
             os.rename(tmp, root)
@@ -312,6 +346,66 @@ def build_dataset(
             shutil.rmtree(tmp, ignore_errors=True)
     progress(f'{root}: built in {manifest["build_seconds"]} s')
     return _paths(root, manifest)
+
+
+def build_command(root: str | os.PathLike, vocab_size: Any = None, seq_len: Any = None) -> str:
+    """The ``wesar-data`` command line that builds ``root`` (default vocabulary and length left out)."""
+    command = f'wesar-data --output-dir {root}'
+    if vocab_size is not None and vocab_size != DEFAULT_VOCAB_SIZE:
+        command += f' --vocab-size {vocab_size}'
+    if seq_len is not None and seq_len != DEFAULT_SEQ_LEN:
+        command += f' --seq-len {seq_len}'
+    return command
+
+
+def require_dataset(root: str | os.PathLike, vocab_size: Optional[int] = None, seq_len: Optional[int] = None) -> DatasetPaths:
+    """The dataset built at ``root``; a clear error naming the folder and the ``wesar-data`` command if there is none.
+
+    For configs that point at a built dataset (``variables.data_root`` of the demo YAML): call it
+    before any work, instead of letting a tokenizer load fail on the missing folder.
+    ``vocab_size`` and ``seq_len`` (the config's) go into the command the error shows.
+    """
+    root = Path(root)
+    manifest = _read_manifest(root) if root.is_dir() else None
+    command = build_command(root, vocab_size, seq_len)
+    if manifest is None:
+        what = 'does not exist' if not root.exists() else f'holds no {MANIFEST} (not a finished wesar-data build)'
+        raise DatasetMissingError(
+            f'Dataset folder {str(root)!r} {what}. Build it first with `{command}`, '
+            'or point variables.data_root at a built dataset.',
+        )
+    if manifest.get('format') != MANIFEST_FORMAT:
+        raise DatasetMissingError(
+            f'Dataset folder {str(root)!r} was built by an older wesar-data (format {manifest.get("format")}, '
+            f'now {MANIFEST_FORMAT}; its tokenizer returned token_type_ids): rebuild it with `{command}`.',
+        )
+    return _paths(root, manifest)
+
+
+CHECK_TRANSFORM = 'wesar_data_check'
+
+
+def check_train_config(cfg: dict) -> dict:
+    """An llm-foundry config transform: a config whose tokenizer lies in ``variables.data_root``
+    needs the dataset built there; otherwise stop before any work with :class:`DatasetMissingError`
+    (instead of Hugging Face's ``HFValidationError: Repo id must be in the form ...`` when the
+    tokenizer folder is missing). Other configs pass unchanged."""
+    root = (cfg.get('variables') or {}).get('data_root')
+    tokenizer = (cfg.get('tokenizer') or {}).get('name')
+    if isinstance(root, str) and isinstance(tokenizer, str):
+        data_root, tokenizer_path = Path(root).absolute(), Path(tokenizer).absolute()
+        if tokenizer_path == data_root or data_root in tokenizer_path.parents:
+            variables = cfg.get('variables') or {}
+            require_dataset(root, variables.get('vocab_size'), variables.get('max_seq_len'))
+    return cfg
+
+
+def register_train_config_check() -> None:
+    """Register :func:`check_train_config` with llm-foundry, which applies every registered config
+    transform at the start of ``train``. The demo YAML does it through ``code_paths``."""
+    from llmfoundry import registry
+
+    registry.config_transforms.register(CHECK_TRANSFORM, func=check_train_config)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
