@@ -40,8 +40,9 @@ from wesar_composer.reparam.checks import (
     check_optimizers,
     check_role_map,
 )
+from wesar_composer.reparam.pretrained import resolve_init_mode
 from wesar_composer.reparam.trainer import check_loaded_checkpoint, guard_checkpoints, run_init_mode
-from wesar_composer.roles import BACKBONES, RESIDUAL_ROLES, find_matrices, model_shape, unwrap
+from wesar_composer.roles import BACKBONES, RESIDUAL_ROLES, check_complete, find_matrices, model_shape, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ def apply_residual_scaling(
             f'No W_o or W_d of {type(unwrap(model)).__name__} matched a role; nothing to scale. '
             'Pass role_map={regex: role} naming its attention out-projection (o) and FFN down-projection (d).',
         )
+    check_complete(model, specs, METHOD, role_map)
+    resolve_init_mode(METHOD, init_mode, model, INIT_MODES)
     embedding_class = next((type(s.module) for s in specs if s.is_embedding), None)
 
     apply_paper_init(
