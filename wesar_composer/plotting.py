@@ -78,9 +78,14 @@ class Run:
             tables = sorted((int(m.group(1)), a.path) for a in artifacts
                             if (m := _SPIKE_TABLE.match(os.path.basename(a.path))))
             if tables:
-                with tempfile.TemporaryDirectory() as tmp:
+                from unittest import mock
+
+                # a few small JSON files: no download progress bar (it prints as a garbled line in logs)
+                with tempfile.TemporaryDirectory() as tmp, \
+                        mock.patch.dict(os.environ, {'MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR': 'false'}):
                     for _, path in tables:
-                        found.append(_spike_record(json.load(open(self.client.download_artifacts(self.run_id, path, tmp)))))
+                        with open(self.client.download_artifacts(self.run_id, path, tmp)) as f:
+                            found.append(_spike_record(json.load(f)))
             self._cache['spikes'] = found
         return self._cache['spikes']
 
