@@ -17,6 +17,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from torch import nn
 
+from wesar_composer.reparam.checks import CheckedHparams
 from wesar_composer.roles import find_matrices, merged_role_map, unwrap
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class RatioRise:
         return self.rows[:n]
 
 
-class UpdateRatioMonitor(Callback):
+class UpdateRatioMonitor(CheckedHparams, Callback):
     """Logs the update ratio of every weight matrix, per layer and role, with its norms and gate.
 
     The update ratio (Nishida et al. 2024, Figures 1, 4, 5, 9-12) is measured, not reconstructed
@@ -125,7 +126,7 @@ class UpdateRatioMonitor(Callback):
     Volume: every matrix is measured on a logging batch, but only some keys are logged, so a
     40-layer model's dashboard stays readable. By default: the summary keys, and
     ``update_ratio/`` and ``param_norm/`` of the first and last layer and of e and p (36 keys a
-    step for a 40-layer MPT instead of 970). ``families='all', layers='all'`` logs every key.
+    step for a 40-layer MPT instead of 976). ``families='all', layers='all'`` logs every key.
 
     Args:
         log_interval: log every ``log_interval`` batches (batches ``log_interval``,
