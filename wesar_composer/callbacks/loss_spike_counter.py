@@ -11,6 +11,8 @@ import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 
+from wesar_composer.reparam.checks import CheckedHparams
+
 log = logging.getLogger(__name__)
 
 __all__ = ['LossSpikeCounter']
@@ -25,7 +27,7 @@ POST_MORTEM_TABLE = 'loss_spike/update_ratio_rise_{count}'  # table name; MLflow
 POST_MORTEM_COLUMNS = ['spike', 'batch', 'rank', 'matrix', 'rise', 'update_ratio', 'baseline', 'step', 'baseline_steps']
 
 
-class LossSpikeCounter(Callback):
+class LossSpikeCounter(CheckedHparams, Callback):
     """Counts loss spikes with the outlier test of llm-foundry's ``KillLossSpike``; never stops a run unless asked.
 
     Rule, checked on every batch with the training loss averaged over ranks (so every rank

@@ -120,13 +120,13 @@ def apply_residual_scaling(
     check_unreparameterized(model, METHOD)
     shape = model_shape(model)
     specs = find_matrices(model, role_map)
+    check_complete(model, specs, METHOD, role_map)
     residual = [s for s in specs if set(s.roles) <= set(RESIDUAL_ROLES)]
     if not residual:
         raise ValueError(
             f'No W_o or W_d of {type(unwrap(model)).__name__} matched a role; nothing to scale. '
             'Pass role_map={regex: role} naming its attention out-projection (o) and FFN down-projection (d).',
         )
-    check_complete(model, specs, METHOD, role_map)
     resolve_init_mode(METHOD, init_mode, model, INIT_MODES)
     embedding_class = next((type(s.module) for s in specs if s.is_embedding), None)
 
