@@ -199,7 +199,7 @@ def test_no_monitor_no_post_mortem_and_the_log_says_so(caplog):
         loss = None
 
     assert 'Add update_ratio_monitor' in counter._post_mortem(State(), None, 5)
-    assert counter.post_mortems == []
+    assert len(counter.post_mortems) == 0
 
 
 @pytest.mark.parametrize('bad', [-1, 1.5, True, '3'])

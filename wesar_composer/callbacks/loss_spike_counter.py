@@ -22,6 +22,7 @@ DEFAULT_OUTLIER_MULTIPLIER = 1.5  # a spike: loss >= 1.5 x the reference (KillLo
 DEFAULT_MIN_HISTORY = 10  # losses needed before detection starts
 DEFAULT_LOG_INTERVAL = 1
 DEFAULT_NAME_MATRICES = 5  # matrices named in the post-mortem of a spike
+KEPT_POST_MORTEMS = 100  # the last post-mortems kept in memory (all of them are logged)
 LOSS_KEY = 'loss/train/total'
 POST_MORTEM_TABLE = 'loss_spike/update_ratio_rise_{count}'  # table name; MLflow stores it as <name>.json
 POST_MORTEM_COLUMNS = ['spike', 'batch', 'rank', 'matrix', 'rise', 'update_ratio', 'baseline', 'step', 'baseline_steps']
@@ -97,7 +98,7 @@ class LossSpikeCounter(CheckedHparams, Callback):
         self.log_interval = log_interval
         self.stop_after = stop_after
         self.name_matrices = name_matrices
-        self.post_mortems: list[dict[str, Any]] = []  # one per spike: batch, step, baseline_steps, rows
+        self.post_mortems: deque[dict[str, Any]] = deque(maxlen=KEPT_POST_MORTEMS)  # spike, batch, step, baseline_steps, rows
         self.count = 0
         self.outlier_batches = 0
         self.in_spike = False
