@@ -41,7 +41,7 @@ def test_train_from_yaml(method, tiny_train_yaml, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tiny_train_yaml(
         algorithms={method: hparams},
-        callbacks={'update_ratio_monitor': {'log_interval': 1}},
+        callbacks={'update_ratio_monitor': {'log_interval': 1, 'families': 'all', 'layers': 'all'}},
         loggers={'inmemory': {}},
         max_duration='3ba',
         eval_interval='3ba',

@@ -83,7 +83,7 @@ def test_parameter_count_matches_table_6(name):
     model = build_composer_model(name=model_cfg.pop('name'), cfg=model_cfg, tokenizer=None, init_context=init_context)
     assert sum(p.numel() for p in model.parameters()) == PLAIN_PARAMS
     key, _, millions = TABLE6[method]
-    state = SimpleNamespace(model=model, optimizers=(), callbacks=[])
+    state = SimpleNamespace(model=model, optimizers=(), callbacks=[], device=None, rank_zero_seed=0, fsdp_config=None)
     build_algorithm(key, copy.deepcopy(cfg.algorithms[key])).apply(Event.INIT, state, None)
     assert all(p.is_meta for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())

@@ -147,7 +147,7 @@ def count_on_meta(name):
     plain = sum(p.numel() for p in model.parameters())
     for key in ('wesar', 'paper_init'):
         if key in cfg.algorithms:
-            state = SimpleNamespace(model=model, optimizers=(), callbacks=[])
+            state = SimpleNamespace(model=model, optimizers=(), callbacks=[], device=None, rank_zero_seed=0, fsdp_config=None)
             build_algorithm(key, copy.deepcopy(cfg.algorithms[key])).apply(Event.INIT, state, None)
     gates = sum(p.numel() for n, p in model.named_parameters() if n.rpartition('.')[2] in ('gate', 'unembed_gate'))
     total = sum(p.numel() for p in model.parameters())
