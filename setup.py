@@ -9,6 +9,7 @@ setup(
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['wesar_composer', 'wesar_composer.*']),
+    package_data={'wesar_composer.tools': ['yamls/*.yaml', 'yamls/method/*.yaml']},
     python_requires='>=3.10',
     install_requires=[
         'llm-foundry==0.22.0',
@@ -18,10 +19,13 @@ setup(
     },
     entry_points={
         'console_scripts': [
-            'wesar-data = wesar_composer.data.build:main',
-            'wesar-demo = wesar_composer.demo:main',
-            'wesar-experiments = wesar_composer.experiments:main',
-            'wesar-plot = wesar_composer.plotting:main',
+            'wesar-data = wesar_composer.tools.data.build:main',
+            'wesar-demo = wesar_composer.tools.demo:main',
+            'wesar-experiments = wesar_composer.tools.experiments.cli:main',
+            'wesar-plot = wesar_composer.tools.plotting:main',
+        ],
+        'llmfoundry_config_transforms': [
+            'wesar_data_check = wesar_composer.tools.data.build:check_train_config',
         ],
         'llmfoundry_algorithms': [
             'wesar = wesar_composer.algorithms.wesar:WeSaR',

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import pytest
 import yaml
 
-from wesar_composer.data import DatasetPaths, build_dataset
+from wesar_composer.tools.data import DatasetPaths, build_dataset
 
 TINY_VOCAB_SIZE = 512
 TINY_SEQ_LEN = 64

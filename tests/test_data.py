@@ -10,10 +10,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from wesar_composer.data import CorpusSourceError, DatasetExistsError, build_dataset
-from wesar_composer.data import build as build_lib
-from wesar_composer.data import corpus as corpus_lib
-from wesar_composer.data.corpus import Document
+from wesar_composer.tools.data import CorpusSourceError, DatasetExistsError, build_dataset
+from wesar_composer.tools.data import build as build_lib
+from wesar_composer.tools.data import corpus as corpus_lib
+from wesar_composer.tools.data.corpus import Document
 
 VERSE = (
     'To be, or not to be, that is the question:\n'

@@ -9,8 +9,8 @@ import shutil
 import pytest
 
 from conftest import tiny_train_config, write_train_yaml
-from wesar_composer.data import DatasetExistsError, DatasetMissingError, build_dataset, require_dataset
-from wesar_composer.data import build as build_lib
+from wesar_composer.tools.data import DatasetExistsError, DatasetMissingError, build_dataset, require_dataset
+from wesar_composer.tools.data import build as build_lib
 
 PROMPT = 'To be, or not to be, that is the question'
 
@@ -118,7 +118,7 @@ def test_the_demo_yaml_on_a_missing_dataset_stops_before_any_work(tmp_path, monk
     """llm-foundry's train path on the demo YAML: the dataset error, not Hugging Face's repo-id error."""
     from llmfoundry.command_utils import train
 
-    from wesar_composer import demo
+    from wesar_composer.tools import demo
 
     monkeypatch.chdir(tmp_path)  # the YAML's code_paths are found from another working folder too
     store = tmp_path / 'mlruns'

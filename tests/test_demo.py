@@ -7,7 +7,7 @@ import math
 import pytest
 from omegaconf import OmegaConf as om
 
-from wesar_composer import demo
+from wesar_composer.tools import demo
 
 
 def test_demo_yaml_is_the_rapid_recipe_scaled_down():

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from wesar_composer import experiments as ex
+from wesar_composer.tools import experiments as ex
+from wesar_composer.tools.experiments import tables
 
 PAGE = """# Reproduction
 
@@ -111,7 +112,7 @@ def test_quick_grid_writes_results_figures_and_page(tiny_mds, tmp_path, capsys):
 def test_a_missing_page_is_refused_before_any_figure(tmp_path, capsys):
     results = tmp_path / 'results'
     results.mkdir()
-    ex._append_row(results / ex.RESULTS_CSV, dict(
+    tables._append_row(results / ex.RESULTS_CSV, dict(
         group='main', method='wesar', label='WeSaR', shape='base', d_model=64, n_layers=4, seed=0, setting='rapid',
         lr=1e-3, batch=16, steps=120, warmup=2, tokens=120 * 16 * 64, n_params=1000, val_loss=4.5,
         val_ppl=math.exp(4.5), final_train_loss=4.5, spikes=0, diverged=0, d_over_u_last=1.0, wall_s=100.0,
@@ -139,7 +140,7 @@ def test_render_reproduces_the_tables_from_a_results_file(tmp_path):
     results = tmp_path / 'results' / ex.RESULTS_CSV
     results.parent.mkdir()
     for row in rows:
-        ex._append_row(results, row)
+        tables._append_row(results, row)
     page = tmp_path / 'page.md'
     page.write_text(PAGE)
     assert ex.main(['--render', str(results.parent), '--page', str(page), '--no-figures']) == 0

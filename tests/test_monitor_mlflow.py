@@ -9,7 +9,7 @@ import pytest
 from llmfoundry.command_utils import train_from_yaml
 
 from conftest import tiny_train_config, write_train_yaml
-from wesar_composer.plotting import load_runs, main
+from wesar_composer.tools.plotting import load_runs, main
 
 STEPS = 6
 RUNS = {'baseline': {}, 'wesar': {'wesar': {}}}  # run name -> algorithms

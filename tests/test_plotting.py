@@ -3,7 +3,7 @@ Figure 3 left out with a note when param_norm/ is not logged."""
 
 import time
 
-from wesar_composer.plotting import load_runs, main
+from wesar_composer.tools.plotting import load_runs, main
 
 STEPS = range(1, 6)
 
@@ -54,7 +54,7 @@ def test_legends_sit_outside_the_axes(tmp_path, monkeypatch):
     matplotlib.use('Agg')
     from matplotlib.figure import Figure
 
-    from wesar_composer import plotting
+    from wesar_composer.tools import plotting
 
     store = tmp_path / 'mlruns'
     make_store(store, [('a', True), ('b', True)])

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 from model_builders import mpt
 from wesar_composer import LossSpikeCounter, UpdateRatioMonitor
 from wesar_composer.callbacks.loss_spike_counter import POST_MORTEM_COLUMNS
-from wesar_composer.plotting import load_runs
-from wesar_composer.plotting import main as plot_main
+from wesar_composer.tools.plotting import load_runs
+from wesar_composer.tools.plotting import main as plot_main
 from wesar_composer.roles import find_matrices
 
 VOCAB, N_LAYERS, JUMP, BOOST, HISTORY = 64, 3, 30, 100.0, 8

@@ -1,0 +1,64 @@
+"""The reproduction (``wesar-experiments``): the paper's claims tested at CPU scale through llm-foundry.
+
+Every run is the demo YAML (``wesar-demo --write-yaml``) trained by llm-foundry's own train path
+(:func:`wesar_composer.tools.demo.train_one`), with the method's algorithms taken from the paper
+recipes' method parts (package data ``wesar_composer/tools/yamls/method/*.yaml``) and the setting
+(rapid / stable) scaled down:
+
+- ``main``: Small init (rapid), Small init (stable), He init, WeSaR, WeSaR with the Small
+  backbone, WeSaR with fixed gates; several seeds; two model shapes (``base`` and the deep,
+  narrow ``deep``) (Tables 5 and 7 in miniature);
+- ``reparam``: Weight Normalization, sigma-Reparam (pre-LN), residual scaling (He and Small)
+  beside Small init and WeSaR (Table 6 in miniature);
+- ``lr``: the learning rate swept upward for Small init and WeSaR, loss spikes and divergences
+  counted by ``loss_spike_counter`` (the stress test standing in for the 13B spikes).
+
+Runs of Small init and WeSaR with the first seed log ``update_ratio_monitor`` to a local MLflow
+store; ``wesar-plot``'s functions draw Figure 1 / 3 and the heatmap from it. Every finished run
+appends one row to ``results.csv`` and writes its loss curve to ``curves/{run}.json`` (a rerun skips the
+finished ones), then the figures are drawn and the generated tables of the results page are
+refreshed.
+
+    wesar-experiments --quick --out /tmp/repro            # a few minutes: the pipeline end to end
+    wesar-experiments --out runs/reproduction --jobs 2    # the full grid: 96 runs, under an hour on 2 cores
+    wesar-experiments --render docs/reproduction --page docs/reproduction.md   # figures and page tables only
+
+Modules: :mod:`~.grid` (the grid of runs and their configs), :mod:`~.run` (running them, the
+process pool), :mod:`~.tables` (``results.csv`` and the page's generated tables), :mod:`~.figures`
+(figures), :mod:`~.cli` (the console entry).
+"""
+
+from wesar_composer.tools.experiments.cli import main
+from wesar_composer.tools.experiments.figures import plot_figures
+from wesar_composer.tools.experiments.grid import (
+    FIGURE_METHODS,
+    FULL,
+    LR_METHODS,
+    MAIN_METHODS,
+    METHODS,
+    QUICK,
+    QUICK_SHAPES,
+    REPARAM_METHODS,
+    SETTINGS,
+    SHAPES,
+    RunSpec,
+    Scale,
+    build_config,
+    plan,
+    run_settings,
+)
+from wesar_composer.tools.experiments.run import diverged, run_grid, run_one
+from wesar_composer.tools.experiments.tables import (
+    RESULTS_CSV,
+    Row,
+    read_results,
+    render_page,
+    render_tables,
+    table_norms,
+)
+
+__all__ = [
+    'METHODS', 'MAIN_METHODS', 'REPARAM_METHODS', 'LR_METHODS', 'FIGURE_METHODS', 'SHAPES', 'QUICK_SHAPES', 'SETTINGS', 'Scale', 'FULL', 'QUICK', 'RunSpec', 'Row', 'RESULTS_CSV', 'plan',
+    'run_settings', 'build_config', 'diverged', 'run_one', 'run_grid', 'read_results', 'render_tables',
+    'render_page', 'table_norms', 'plot_figures', 'main',
+]

@@ -1,0 +1,207 @@
+"""The grid of runs of ``wesar-experiments``: methods, shapes, scales, the plan, and each run's config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = [
+    'METHODS', 'MAIN_METHODS', 'REPARAM_METHODS', 'LR_METHODS', 'FIGURE_METHODS', 'SHAPES', 'QUICK_SHAPES',
+    'SETTINGS', 'Scale', 'FULL', 'QUICK', 'RunSpec', 'plan', 'run_settings', 'method_part', 'build_config',
+]
+
+METHOD_PARTS = 'yamls/method'  # package data of wesar_composer.tools: the paper recipes' method parts
+RECORDER_CALLBACK = 'wesar_experiment_recorder'
+
+# method key -> (label, method part in METHOD_PARTS, setting)
+METHODS: dict[str, tuple[str, str, str]] = {
+    'small_rapid': ('Small init (rapid)', 'small_init', 'rapid'),
+    'small_stable': ('Small init (stable)', 'small_init', 'stable'),
+    'he': ('He init', 'he_init', 'rapid'),
+    'wesar': ('WeSaR', 'wesar', 'rapid'),
+    'wesar_small': ('WeSaR w/ Small backbone', 'wesar_small_backbone', 'rapid'),
+    'wesar_fixed': ('WeSaR w/ fixed gates', 'wesar_fixed_gates', 'rapid'),
+    'weight_norm': ('Weight Normalization', 'weight_norm', 'rapid'),
+    'sigma_reparam': ('sigma-Reparam (pre-LN)', 'sigma_reparam', 'rapid'),
+    'residual_scaling_he': ('Residual scaling w/ He', 'residual_scaling_he', 'rapid'),
+    'residual_scaling_small': ('Residual scaling w/ Small', 'residual_scaling_small', 'rapid'),
+}
+MAIN_METHODS = ('small_rapid', 'small_stable', 'he', 'wesar', 'wesar_small', 'wesar_fixed')
+REPARAM_METHODS = ('weight_norm', 'sigma_reparam', 'residual_scaling_he', 'residual_scaling_small')
+LR_METHODS = ('small_rapid', 'wesar')
+FIGURE_METHODS = ('small_rapid', 'wesar')  # these, first seed: update-ratio monitor and MLflow
+
+# Model shapes: d_model, n_layers, n_heads. `deep` is deep and narrow: 1/sqrt(2N) = 1/sqrt(32).
+SHAPES: dict[str, dict[str, int]] = {
+    'base': {'d_model': 64, 'n_layers': 4, 'n_heads': 4},
+    'deep': {'d_model': 32, 'n_layers': 16, 'n_heads': 4},
+}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The CPU scale of a grid: data, batch, steps. The settings below are relative to it."""
+    vocab_size: int
+    seq_len: int
+    batch: int  # rapid batch, sequences; stable uses 4x, as 1M vs 4M tokens in the paper
+    steps: int  # rapid steps; stable runs the same tokens in steps / 4
+    eval_batches: int  # validation batches of 64 sequences, the same ones for every run
+    monitor_interval: int
+    seeds: tuple[int, ...]
+    lrs: tuple[float, ...]
+    shapes: tuple[str, ...]
+    lr_shapes: tuple[str, ...]
+    reparam_shapes: tuple[str, ...]
+    reparam_seeds: tuple[int, ...]
+    max_chars: Optional[int] = None
+    every_method_every_shape: bool = True  # False: shapes after the first run Small init and WeSaR only
+    lr_seeds: tuple[int, ...] = (0,)  # the first one runs before Table 6, the others last
+
+
+FULL = Scale(vocab_size=1024, seq_len=64, batch=16, steps=240, eval_batches=8, monitor_interval=4,
+             seeds=(0, 1, 2), lrs=(3e-4, 3e-3, 1e-2, 3e-2), shapes=('base', 'deep'), lr_shapes=('deep', 'base'),
+             reparam_shapes=('base',), reparam_seeds=(0, 1, 2), lr_seeds=(0, 1, 2))
+QUICK = Scale(vocab_size=512, seq_len=64, batch=4, steps=8, eval_batches=1, monitor_interval=2,
+              seeds=(0,), lrs=(1e-2,), shapes=('base', 'deep'), lr_shapes=('base',),
+              reparam_shapes=('base',), reparam_seeds=(0,), max_chars=300_000,
+              every_method_every_shape=False)
+QUICK_SHAPES = {'base': {'d_model': 32, 'n_layers': 2, 'n_heads': 2},
+                'deep': {'d_model': 16, 'n_layers': 6, 'n_heads': 2}}
+
+# The paper's settings (Table 3): rapid 1M-token batches, lr 1e-3, warmup 100 of ~28.6k steps;
+# stable 4M-token batches, lr 5e-4, warmup 2000 of ~7.2k steps; both 30B tokens.
+SETTINGS = {
+    'rapid': {'batch_factor': 1, 'lr': 1e-3, 'warmup_fraction': 100 / 28_610},
+    'stable': {'batch_factor': 4, 'lr': 5e-4, 'warmup_fraction': 2000 / 7_153},
+}
+MIN_WARMUP = 2  # batches; the rapid fraction rounds to 0 at CPU scale
+
+
+TAG = 'wesar-experiments'
+
+
+def _say(line: str) -> None:
+    print(f'[{TAG}] {line}', flush=True)
+
+
+# ------------------------------------------------------------------------------ the grid
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    group: str  # main | reparam | lr
+    method: str
+    shape: str
+    seed: int
+    lr: float
+    monitor: bool = False
+
+    @property
+    def name(self) -> str:
+        return f'{self.group}-{self.shape}-{self.method}-lr{self.lr:g}-s{self.seed}'
+
+
+def plan(scale: Scale, groups: Sequence[str] = ('main', 'reparam', 'lr')) -> list[RunSpec]:
+    """The runs of a grid, the most informative first: two seeds of the main grid, the lr sweep,
+    the compared reparameterizations, then the other seeds of the main grid and of the lr sweep
+    (a deadline cuts from the end)."""
+    specs: list[RunSpec] = []
+
+    def main_runs(seeds):
+        for seed in seeds:
+            for i, shape in enumerate(scale.shapes):
+                methods = MAIN_METHODS if i == 0 or scale.every_method_every_shape else FIGURE_METHODS
+                for method in methods:
+                    monitor = method in FIGURE_METHODS and seed == scale.seeds[0]
+                    specs.append(RunSpec('main', method, shape, seed, SETTINGS[METHODS[method][2]]['lr'], monitor))
+
+    if 'main' in groups:
+        main_runs(scale.seeds[:2])
+    def lr_runs(seeds):
+        for seed in seeds:
+            for shape in scale.lr_shapes:
+                for lr in scale.lrs:
+                    for method in LR_METHODS:
+                        specs.append(RunSpec('lr', method, shape, seed, lr))
+
+    if 'lr' in groups:
+        lr_runs(scale.lr_seeds[:1])
+    if 'reparam' in groups:
+        for seed in scale.reparam_seeds:
+            for shape in scale.reparam_shapes:
+                for method in REPARAM_METHODS:
+                    specs.append(RunSpec('reparam', method, shape, seed, SETTINGS[METHODS[method][2]]['lr']))
+    if 'main' in groups:
+        main_runs(scale.seeds[2:])
+    if 'lr' in groups:
+        lr_runs(scale.lr_seeds[1:])
+    return specs
+
+
+def run_settings(spec: RunSpec, scale: Scale) -> dict[str, Any]:
+    """Batch, steps, warmup and lr of one run: the paper's setting mapped onto ``scale``."""
+    setting = SETTINGS[METHODS[spec.method][2]]
+    factor = setting['batch_factor']
+    steps = max(scale.steps // factor, 1)
+    warmup = max(MIN_WARMUP, round(setting['warmup_fraction'] * steps))
+    return {'setting': METHODS[spec.method][2], 'batch': scale.batch * factor, 'steps': steps,
+            'warmup': min(warmup, steps), 'lr': spec.lr, 'tokens': scale.batch * factor * steps * scale.seq_len}
+
+
+def _method_algorithms(method: str) -> dict[str, Any]:
+    from omegaconf import OmegaConf as om
+
+    with method_part(METHODS[method][1]).open() as f:
+        part = om.to_container(om.load(f))['algorithms']
+    return {'gradient_clipping': '${variables.clipping}', 'z_loss': '${variables.z_loss}', **part}
+
+
+def build_config(spec: RunSpec, scale: Scale, shapes: dict[str, dict[str, int]], data_root: str,
+                 tracking_uri: str, out_dir: Path, demo_yaml=None):
+    """The demo YAML (``demo_yaml``, default the packaged one) with this run's method, shape, seed,
+    setting, callbacks and logger."""
+    from omegaconf import OmegaConf as om
+
+    from wesar_composer.tools import demo
+
+    s = run_settings(spec, scale)
+    shape = shapes[spec.shape]
+    cfg = demo.load_config(demo_yaml, [])
+    container = om.to_container(cfg, resolve=False)
+    container['variables'].update({
+        'data_root': data_root, 'vocab_size': scale.vocab_size, 'max_seq_len': scale.seq_len,
+        'global_seed': spec.seed, 'run_name': spec.name, 'mlflow_experiment': 'wesar-reproduction',
+        'mlflow_tracking_uri': tracking_uri,
+    })
+    container['variables']['algorithms_of'] = {spec.method: _method_algorithms(spec.method)}
+    container['model'].update(shape)
+    container.update({
+        'global_train_batch_size': s['batch'], 'device_train_microbatch_size': s['batch'],
+        'max_duration': f'{s["steps"]}ba', 'eval_interval': f'{s["steps"]}ba',
+        'eval_subset_num_batches': scale.eval_batches,
+    })
+    container['optimizer']['lr'] = s['lr']
+    # torch-AdamW weight decay 0.01 at the run's lr, written for Composer's decoupled_adamw
+    container['optimizer']['weight_decay'] = 0.01 * s['lr']
+    container['scheduler']['t_warmup'] = f'{s["warmup"]}ba'
+    callbacks = container['callbacks']
+    callbacks.pop('speed_monitor', None)
+    callbacks[RECORDER_CALLBACK] = {'path': str(out_dir / 'curves' / f'{spec.name}.json')}
+    if spec.monitor:
+        # every layer: the heatmap and the d/u gap of each layer
+        callbacks['update_ratio_monitor'] = {'log_interval': scale.monitor_interval, 'layers': 'all'}
+    else:
+        callbacks.pop('update_ratio_monitor', None)
+        container['loggers'] = {}
+    return om.create(container)
+
+
+
+def method_part(name: str):
+    """The packaged method part ``name`` (e.g. ``wesar``): a readable resource, from a wheel or a checkout."""
+    part = resources.files('wesar_composer.tools').joinpath(METHOD_PARTS, f'{name}.yaml')
+    if not part.is_file():
+        raise FileNotFoundError(f'Method part {name!r} not found in the package data ({METHOD_PARTS}).')
+    return part
