@@ -231,6 +231,7 @@ def test_rebuild_is_a_no_op_and_other_settings_are_refused(tiny_mds):
     assert leftovers == []
 
 
+@pytest.mark.slow
 def test_llmfoundry_trains_a_tiny_mpt_on_the_tiny_data(tiny_train_yaml, tmp_path, monkeypatch):
     from llmfoundry.command_utils import train_from_yaml
 

@@ -27,6 +27,7 @@ def test_tokenizer_is_a_gpt2_fast_tokenizer_without_token_type_ids(tiny_mds):
         assert set(tok(PROMPT, return_tensors='pt')) == {'input_ids', 'attention_mask'}
 
 
+@pytest.mark.slow
 def test_hf_checkpointer_export_generates_with_the_usual_call(tiny_mds, tmp_path, monkeypatch):
     """A tiny llm-foundry run exported by hf_checkpointer: ``model.generate(**tok(text, return_tensors='pt'))``."""
     from llmfoundry.command_utils import train_from_yaml
@@ -120,7 +121,7 @@ def test_the_demo_yaml_on_a_missing_dataset_stops_before_any_work(tmp_path, monk
 
     from wesar_composer.tools import demo
 
-    monkeypatch.chdir(tmp_path)  # the YAML's code_paths are found from another working folder too
+    monkeypatch.chdir(tmp_path)  # the check is the package's config transform entry point: any working folder
     store = tmp_path / 'mlruns'
     cfg = demo.load_config(demo.find_demo_yaml(), [f'variables.data_root={tmp_path}/nope',
                                                    f'variables.mlflow_tracking_uri={store}'])

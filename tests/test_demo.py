@@ -47,6 +47,7 @@ def console_bound_transformers_logging():
         handler.setStream(stream)
 
 
+@pytest.mark.slow
 def test_demo_runs_both_methods_and_reports(tiny_mds, tmp_path, capfd, console_bound_transformers_logging):
     out = tmp_path / 'demo'
     n_layers = 2

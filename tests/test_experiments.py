@@ -72,6 +72,7 @@ def test_diverged_rule():
     assert not ex.diverged(4.0, [5.0] + [4.0] * 10)
 
 
+@pytest.mark.slow
 def test_quick_grid_writes_results_figures_and_page(tiny_mds, tmp_path, capsys):
     out = tmp_path / 'repro'
     page = tmp_path / 'page.md'

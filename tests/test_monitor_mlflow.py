@@ -51,6 +51,7 @@ def monitor_keys(logged):
     return {k for k in logged if k.split('/')[0] in ('update_ratio', 'param_norm', 'grad_norm', 'gate')}
 
 
+@pytest.mark.slow
 def test_metrics_read_back_from_the_mlflow_file_store(store):
     from mlflow.tracking import MlflowClient
 
@@ -71,6 +72,7 @@ def test_metrics_read_back_from_the_mlflow_file_store(store):
         assert 'loss_spike/count' in run.keys and 'loss/train/total' in run.keys
 
 
+@pytest.mark.slow
 def test_wesar_plot_draws_the_three_pictures(store, tmp_path):
     path, _ = store
     out = tmp_path / 'plots'
@@ -89,6 +91,7 @@ def test_wesar_plot_draws_the_three_pictures(store, tmp_path):
         assert height > 300 and width > 500, (png, height, width)
 
 
+@pytest.mark.slow
 def test_plot_errors_name_what_exists(store, tmp_path, capsys):
     path, _ = store
     assert main(['--tracking-uri', str(path), '--runs', 'baseline', 'nope', '--out', str(tmp_path)]) == 2

@@ -123,6 +123,7 @@ def full_view_run(tmp_path_factory):
     return counter, recorder, memory, store, [r.getMessage() for r in records]
 
 
+@pytest.mark.slow
 def test_the_spike_names_the_matrices_whose_logged_ratio_jumped(full_view_run):
     counter, _, memory, _, messages = full_view_run
     losses = [v for _, v in memory.data['loss/train/total']]
@@ -157,6 +158,7 @@ def test_the_spike_names_the_matrices_whose_logged_ratio_jumped(full_view_run):
     assert [row[3] for row in table['data']] == ranking and [row[2] for row in table['data']] == list(range(1, len(ranking) + 1))
 
 
+@pytest.mark.slow
 def test_the_table_reaches_mlflow_and_wesar_plot_draws_it(full_view_run, tmp_path, capsys):
     counter, _, _, store, _ = full_view_run
     (run,) = load_runs(str(store), ['lr-jump'])
