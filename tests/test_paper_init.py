@@ -146,7 +146,7 @@ def test_applied_twice_or_on_wesar_is_refused():
     model = apply_paper_init(mpt(d_model=64, n_heads=2, n_layers=2, vocab_size=256))
     with pytest.raises(ValueError, match='already applied'):
         apply_paper_init(model)
-    with pytest.raises(ValueError, match='alternative to WeSaR'):
+    with pytest.raises(ValueError, match='paper_init is an alternative to wesar, not an addition'):
         apply_paper_init(apply_wesar(mpt(d_model=64, n_heads=2, n_layers=2, vocab_size=256)))
 
 

@@ -83,7 +83,7 @@ def test_model_with_no_matrix_to_gate():
 
     model = Conv()
     before = snapshot(model)
-    with pytest.raises(ValueError, match='No weight matrix of Conv matched a role; nothing to gate'):
+    with pytest.raises(ValueError, match='wesar: no weight matrix of Conv matched a role; nothing to change'):
         apply_wesar(model)
     assert_unchanged(model, before)
 
@@ -91,7 +91,7 @@ def test_model_with_no_matrix_to_gate():
 def test_applying_twice():
     model = apply_wesar(mpt(n_layers=2))
     before = snapshot(model)
-    with pytest.raises(ValueError, match='WeSaR is already applied'):
+    with pytest.raises(ValueError, match='wesar is already applied to this model'):
         apply_wesar(model)
     assert_unchanged(model, before)
 
@@ -122,6 +122,6 @@ def test_refuses_a_model_another_method_already_changed():
 
     model = apply_paper_init(mpt(n_layers=2), backbone='small')
     before = snapshot(model)
-    with pytest.raises(ValueError, match='paper_init is already applied to this model'):
+    with pytest.raises(ValueError, match='wesar is an alternative to paper_init, not an addition: this model already has paper_init'):
         apply_wesar(model)
     assert_unchanged(model, before)

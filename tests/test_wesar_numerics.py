@@ -140,9 +140,9 @@ def test_meta_device_model_materializes_with_wesar_init():
 @pytest.mark.parametrize('bias', [True, False])
 def test_gated_linear_backward_matches_autograd(rows, bias):
     """The custom backward (g * W recomputed, not saved) against finite differences."""
-    from wesar_composer.algorithms.wesar.gated_modules import _GatedLinearFunction
+    from wesar_composer.reparam.modules import ScaledLinearFunction
 
     generator = torch.Generator().manual_seed(rows)
     make = lambda *shape: torch.randn(*shape, dtype=torch.double, generator=generator).requires_grad_()
     inputs = (make(2, 3, 4), make(6, 4), make(rows, 1), make(6) if bias else None)
-    assert torch.autograd.gradcheck(_GatedLinearFunction.apply, inputs)
+    assert torch.autograd.gradcheck(ScaledLinearFunction.apply, inputs)

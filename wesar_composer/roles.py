@@ -54,7 +54,7 @@ DEFAULT_ROLE_MAP: dict[str, str] = {
 _LAYER_INDEX = re.compile(r'\.(\d+)\.')
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity: algorithms key their replacements by it
 class MatrixSpec:
     """One weight matrix found in a model: its module, role(s) and place."""
 

@@ -17,37 +17,15 @@ import logging
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
-from composer.core import Algorithm, Event, State
-from composer.loggers import Logger
-from composer.utils import module_surgery
-from llmfoundry.callbacks import HuggingFaceCheckpointer
 from torch import nn
 from torch.optim import Optimizer
 
-from wesar_composer.algorithms.paper_init.hf_export import fold_embedding_scale_on_hf_export
 from wesar_composer.algorithms.paper_init.scaled_embedding import ScaledEmbedding
-from wesar_composer.algorithms.wesar.gated_modules import GatedEmbedding, GatedLinear
-from wesar_composer.param_init import is_meta, route_param_init_fn
-from wesar_composer.reparam.checks import (
-    CheckedHparams,
-    check_bool,
-    check_choice,
-    check_optimizers,
-    check_role_map,
-)
+from wesar_composer.reparam.algorithm import ReparamAlgorithm
+from wesar_composer.reparam.checks import check_bool, check_choice, check_optimizers, check_role_map
 from wesar_composer.reparam.init import draw_base_seed, matrix_seed, normal_like, write_
-from wesar_composer.reparam.pretrained import resolve_init_mode
-from wesar_composer.reparam.trainer import check_loaded_checkpoint, guard_checkpoints, run_init_mode
-from wesar_composer.roles import (
-    BACKBONES,
-    MatrixSpec,
-    backbone_std,
-    check_complete,
-    embedding_std,
-    find_matrices,
-    model_shape,
-    unwrap,
-)
+from wesar_composer.reparam.surgery import adopt, discover, is_meta, route_param_init_fn, swap_modules
+from wesar_composer.roles import BACKBONES, MatrixSpec, backbone_std, embedding_std, find_matrices, model_shape
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +33,7 @@ __all__ = ['PaperInit', 'apply_paper_init', 'paper_init_stds']
 
 DEFAULT_BACKBONE = 'small'  # the paper's baseline ("Small Init."); 'he' is the Table 7 ablation
 INIT_ATTR = '_paper_init'  # (slice sizes, stds, seed) on each matrix; read again when a meta model is materialized
-ROUTE_TAG = 'paper_init'
+METHOD = 'paper_init'
 INIT_MODES = ('auto', 'reinit')  # an initialization has nothing to preserve
 
 
@@ -106,40 +84,26 @@ def apply_paper_init(
     ``'reinit'`` re-initializes it. Errors are raised before the model changes.
     """
     check_hparams(backbone, embedding_scaling, role_map, init_mode)
-    check_optimizers('paper_init', optimizers)
-    inner = unwrap(model)
-    gated = [n for n, m in inner.named_modules() if isinstance(m, (GatedLinear, GatedEmbedding))]
-    if gated:
-        raise ValueError(
-            f'paper_init is an alternative to WeSaR, not an addition: this model is gated ({gated[0]!r}).',
-        )
-    if any(isinstance(m, ScaledEmbedding) or hasattr(m, INIT_ATTR) for m in inner.modules()):
-        raise ValueError('paper_init is already applied to this model.')
-    shape = model_shape(model)
-    stds = paper_init_stds(model, backbone, role_map)
-    if not stds:
-        raise ValueError(
-            f'No weight matrix of {type(inner).__name__} matched a role; nothing to initialize. '
-            'Pass role_map={regex: role} naming its modules.',
-        )
-    check_complete(model, [spec for spec, _ in stds], 'paper_init', role_map)
-    resolve_init_mode('paper_init', init_mode, model, INIT_MODES)
+    check_optimizers(METHOD, optimizers)
+    shape, specs, _ = discover(model, METHOD, role_map, init_mode, INIT_MODES)
     base_seed = draw_base_seed() if seed is None else int(seed)
+    stds = [(spec, tuple(backbone_std(role, spec.d_in, shape, backbone) for role in spec.roles)) for spec in specs]
 
     for spec, role_stds in stds:
         setattr(spec.module, INIT_ATTR, (spec.slice_sizes, role_stds, matrix_seed(base_seed, spec.name)))
-    matrices = [spec.module for spec, _ in stds]
+        spec.module.reparam_method = METHOD  # marks the model as initialized by paper_init
+    matrices = [spec.module for spec in specs]
     if embedding_scaling:
         scale = 1.0 / embedding_std(shape, backbone)
-        replacements = {spec.module: _scaled_embedding(spec.module, scale) for spec, _ in stds if spec.is_embedding}
+        replacements = {spec.module: _scaled_embedding(spec.module, scale) for spec in specs if spec.is_embedding}
         if not replacements:
             log.warning('paper_init: no token embedding found; no embedding scaling applied.')
-        module_surgery.replace_module_classes(inner, policies={nn.Embedding: lambda m, _: replacements.get(m)})
+        swap_modules(model, replacements)
         matrices = [replacements.get(m, m) for m in matrices]
     for module in matrices:
         if not is_meta(module):  # a meta model is initialized when Composer materializes it
             init_matrix(module)
-    route_param_init_fn(model, _init_if_marked, ROUTE_TAG)
+    route_param_init_fn(model, _init_if_marked, METHOD)
     log.info('paper_init: %s init of %d matrices (embedding scaling %s).', backbone, len(stds), embedding_scaling)
     return model
 
@@ -156,10 +120,8 @@ def _scaled_embedding(old: nn.Embedding, scale: float) -> ScaledEmbedding:
         device='meta',
         output_scale=scale,
     )
-    new.weight = old.weight  # the same Parameter: optimizer state and weight tying stay intact
-    for attr in (INIT_ATTR, '_fsdp_wrap'):
-        if hasattr(old, attr):
-            setattr(new, attr, getattr(old, attr))
+    adopt(new, old)
+    setattr(new, INIT_ATTR, getattr(old, INIT_ATTR))
     return new
 
 
@@ -182,7 +144,7 @@ def _init_if_marked(module: nn.Module) -> bool:
     return True
 
 
-class PaperInit(CheckedHparams, Algorithm):
+class PaperInit(ReparamAlgorithm):
     """Composer algorithm for the paper's baselines: runs :func:`apply_paper_init` at ``Event.INIT``.
 
     YAML: ``algorithms: {paper_init: {backbone: small}}`` (the "Small Init." baseline) or
@@ -196,6 +158,9 @@ class PaperInit(CheckedHparams, Algorithm):
         role_map: extra ``{regex: role}`` entries for architectures the default map misses.
         init_mode: ``'auto'`` (default: refuse pretrained weights) or ``'reinit'`` (discard them).
     """
+
+    method = METHOD
+    init_modes = INIT_MODES
 
     def __init__(
         self,
@@ -216,28 +181,13 @@ class PaperInit(CheckedHparams, Algorithm):
             f'embedding_scaling={self.embedding_scaling}, role_map={self.role_map}, init_mode={self.init_mode!r})'
         )
 
-    @staticmethod
-    def required_on_load() -> bool:
-        return True
-
-    def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.AFTER_LOAD)
-
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.AFTER_LOAD:
-            check_loaded_checkpoint(state)
-            return
-        apply_paper_init(
-            state.model,
-            optimizers=state.optimizers,
+    def apply_to(self, model, optimizers, *, init_mode, seed):
+        return apply_paper_init(
+            model,
+            optimizers=optimizers,
             backbone=self.backbone,
             embedding_scaling=self.embedding_scaling,
             role_map=self.role_map,
-            init_mode=run_init_mode(state, 'paper_init', self.init_mode, INIT_MODES),
-            seed=state.rank_zero_seed,
+            init_mode=init_mode,
+            seed=seed,
         )
-        guard_checkpoints(state)
-        if self.embedding_scaling:
-            for callback in state.callbacks:
-                if isinstance(callback, HuggingFaceCheckpointer):
-                    fold_embedding_scale_on_hf_export(callback, state.model)

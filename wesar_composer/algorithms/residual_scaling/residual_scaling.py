@@ -22,27 +22,15 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from composer.core import Algorithm, Event, State
-from composer.loggers import Logger
-from llmfoundry.callbacks import HuggingFaceCheckpointer
 from torch import nn
 from torch.optim import Optimizer
 
 from wesar_composer.algorithms.paper_init.paper_init import INIT_ATTR, INIT_MODES, apply_paper_init, init_matrix
-from wesar_composer.algorithms.paper_init.scaled_embedding import ScaledEmbedding
-from wesar_composer.algorithms.reparam.common import REPARAMETERIZED, check_unreparameterized, swap_modules
-from wesar_composer.algorithms.reparam.fold import fold_reparam_on_hf_export
-from wesar_composer.param_init import is_meta
-from wesar_composer.reparam.checks import (
-    CheckedHparams,
-    check_bool,
-    check_choice,
-    check_optimizers,
-    check_role_map,
-)
-from wesar_composer.reparam.pretrained import resolve_init_mode
-from wesar_composer.reparam.trainer import check_loaded_checkpoint, guard_checkpoints, run_init_mode
-from wesar_composer.roles import BACKBONES, RESIDUAL_ROLES, check_complete, find_matrices, model_shape, unwrap
+from wesar_composer.reparam.algorithm import ReparamAlgorithm
+from wesar_composer.reparam.checks import check_bool, check_choice, check_optimizers, check_role_map
+from wesar_composer.reparam.modules import Reparameterized
+from wesar_composer.reparam.surgery import adopt, discover, is_meta, swap_modules
+from wesar_composer.roles import BACKBONES, RESIDUAL_ROLES, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +40,7 @@ DEFAULT_BACKBONE = 'small'
 METHOD = 'residual_scaling'
 
 
-class ResidualScaledLinear(nn.Linear):
+class ResidualScaledLinear(Reparameterized, nn.Linear):
     """``y = (x W^T + b) * residual_scale``: a residual writer (W_o, W_d) with the branch scale in its forward.
 
     ``residual_scale`` is a constant (1 / sqrt(2N)), kept as a plain attribute: the state dict
@@ -60,7 +48,7 @@ class ResidualScaledLinear(nn.Linear):
     recorded on the module (the backbone's, without 1/sqrt(2N)).
     """
 
-    FOLDED_KEYS = ()
+    reparam_method = METHOD
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  residual_scale: float = 1.0):
@@ -85,8 +73,6 @@ class ResidualScaledLinear(nn.Linear):
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, residual_scale={self.residual_scale:.4g}'
 
-
-REPARAMETERIZED[ResidualScaledLinear] = METHOD
 
 
 def check_hparams(backbone, embedding_scaling, role_map, init_mode) -> None:
@@ -117,40 +103,30 @@ def apply_residual_scaling(
     """
     check_hparams(backbone, embedding_scaling, role_map, init_mode)
     check_optimizers(METHOD, optimizers)
-    check_unreparameterized(model, METHOD)
-    shape = model_shape(model)
-    specs = find_matrices(model, role_map)
-    check_complete(model, specs, METHOD, role_map)
+    shape, specs, _ = discover(model, METHOD, role_map, init_mode, INIT_MODES)
     residual = [s for s in specs if set(s.roles) <= set(RESIDUAL_ROLES)]
     if not residual:
         raise ValueError(
             f'No W_o or W_d of {type(unwrap(model)).__name__} matched a role; nothing to scale. '
             'Pass role_map={regex: role} naming its attention out-projection (o) and FFN down-projection (d).',
         )
-    resolve_init_mode(METHOD, init_mode, model, INIT_MODES)
-    embedding_class = next((type(s.module) for s in specs if s.is_embedding), None)
-
     apply_paper_init(
         model, backbone=backbone, embedding_scaling=embedding_scaling, role_map=role_map, init_mode=init_mode, seed=seed,
     )
-    if embedding_class is not None:
-        for module in unwrap(model).modules():
-            if isinstance(module, ScaledEmbedding):
-                module.plain_class = embedding_class  # what merge_reparameterization turns it back into
     factor = math.sqrt(2.0 * shape.n_layers)
     replacements = {}
     for spec in residual:
         old = spec.module
         new = ResidualScaledLinear(old.in_features, old.out_features, bias=old.bias is not None, device='meta',
                                    residual_scale=1.0 / factor)
-        new.weight = old.weight  # the same Parameter: optimizer state stays intact
-        new.bias = old.bias
         slice_sizes, stds, seed_of_matrix = getattr(old, INIT_ATTR)
         setattr(new, INIT_ATTR, (slice_sizes, tuple(std * factor for std in stds), seed_of_matrix))  # paper_init draws it at materialization
         new.roles = spec.roles
-        new.plain_class = type(old)
-        replacements[old] = new
+        replacements[old] = adopt(new, old)
     swap_modules(model, replacements)
+    for module in unwrap(model).modules():  # the model as a whole now carries residual scaling
+        if getattr(module, 'reparam_method', '') == 'paper_init':
+            module.reparam_method = METHOD
     with torch.no_grad():
         for module in replacements.values():
             if not is_meta(module):
@@ -160,7 +136,7 @@ def apply_residual_scaling(
     return model
 
 
-class ResidualScaling(CheckedHparams, Algorithm):
+class ResidualScaling(ReparamAlgorithm):
     """Composer algorithm for residual scaling as reparameterization: :func:`apply_residual_scaling` at ``Event.INIT``.
 
     YAML: ``algorithms: {residual_scaling: {backbone: small}}`` (Table 6 "w/ Small") or
@@ -174,6 +150,9 @@ class ResidualScaling(CheckedHparams, Algorithm):
         role_map: extra ``{regex: role}`` entries for architectures the default map misses.
         init_mode: ``'auto'`` (default: refuse pretrained weights) or ``'reinit'`` (discard them).
     """
+
+    method = METHOD
+    init_modes = INIT_MODES
 
     def __init__(
         self,
@@ -194,27 +173,13 @@ class ResidualScaling(CheckedHparams, Algorithm):
             f'role_map={self.role_map}, init_mode={self.init_mode!r})'
         )
 
-    @staticmethod
-    def required_on_load() -> bool:
-        return True
-
-    def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.AFTER_LOAD)
-
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.AFTER_LOAD:
-            check_loaded_checkpoint(state)
-            return
-        apply_residual_scaling(
-            state.model,
-            optimizers=state.optimizers,
+    def apply_to(self, model, optimizers, *, init_mode, seed):
+        return apply_residual_scaling(
+            model,
+            optimizers=optimizers,
             backbone=self.backbone,
             embedding_scaling=self.embedding_scaling,
             role_map=self.role_map,
-            init_mode=run_init_mode(state, METHOD, self.init_mode, INIT_MODES),
-            seed=state.rank_zero_seed,
+            init_mode=init_mode,
+            seed=seed,
         )
-        guard_checkpoints(state)
-        for callback in state.callbacks:
-            if isinstance(callback, HuggingFaceCheckpointer):
-                fold_reparam_on_hf_export(callback, state.model)

@@ -16,8 +16,8 @@ one iteration per training step, and is not differentiated: dL/dW = a / sigma * 
 - A fused ``Wqkv`` has one a and one spectral norm per q / k / v slice: the paper's matrices
   are W_q, W_k and W_v.
 
-The linear layer reuses WeSaR's custom autograd function (the per-slice scale a / sigma plays
-the gate), so W_bar is recomputed in backward instead of being held from the forward.
+The linear layer uses the package's scaled linear function (the per-slice scale a / sigma plays
+the role of WeSaR's gate), so W_bar is recomputed in backward instead of being held from the forward.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from llmfoundry.models.layers.custom_embedding import SharedEmbedding
 from torch import nn
 
-from wesar_composer.algorithms.reparam.common import REPARAMETERIZED
-from wesar_composer.algorithms.wesar.gated_modules import _GatedLinearFunction
 from wesar_composer.reparam.init import draw_base_seed, full_tensor, normal_like, write_
+from wesar_composer.reparam.modules import Reparameterized, ScaledLinearFunction, expand_rows
 
 __all__ = ['SigmaReparamLinear', 'SigmaReparamEmbedding', 'request_power_iteration', 'SPECTRAL_BUFFERS']
 
@@ -92,9 +91,10 @@ class _SpectralNorm:
             self.power_iteration_pending = False
 
 
-class SigmaReparamLinear(_SpectralNorm, nn.Linear):
+class SigmaReparamLinear(Reparameterized, _SpectralNorm, nn.Linear):
     """``y = x W_bar^T + b`` with W_bar = a_s / sigma_s * W_s for every output slice s (q, k, v of a fused Wqkv)."""
 
+    reparam_method = 'sigma_reparam'
     FOLDED_KEYS = ('gate', *SPECTRAL_BUFFERS)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
@@ -108,45 +108,41 @@ class SigmaReparamLinear(_SpectralNorm, nn.Linear):
         self.weight_std = weight_std
         self.gate = nn.Parameter(torch.ones(len(self.slice_sizes), device=device, dtype=dtype))
         self._init_spectral_buffers(out_features, in_features, device)
+        self._finish_init()
 
-    def reset_parameters(self) -> None:
-        if not hasattr(self, 'gate'):  # called by nn.Linear.__init__ before the gate exists
-            return super().reset_parameters()
+    def reset_reparameterization(self) -> None:
         self._reset_weight_and_gates()
         if self.bias is not None:
             write_(self.bias, torch.zeros(self.bias.shape))
 
     def row_scales(self) -> torch.Tensor:
         """a_s / sigma_s for every output row, shape (out_features, 1); sigma is a constant."""
-        scale = self.gate / self.sn_sigma.clone().to(self.gate.dtype)
-        if len(self.slice_sizes) == 1:
-            return scale.view(1, 1)
-        return torch.cat([s.expand(n) for s, n in zip(scale.unbind(), self.slice_sizes)]).unsqueeze(1)
+        return expand_rows(self.gate / self.sn_sigma.clone().to(self.gate.dtype), self.slice_sizes)
 
     def virtual_weight(self) -> torch.Tensor:
         return self.weight * self.row_scales()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._maybe_iterate()
-        return _GatedLinearFunction.apply(x, self.weight, self.row_scales(), self.bias)
+        return ScaledLinearFunction.apply(x, self.weight, self.row_scales(), self.bias)
 
     def fold_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         weight = tensors['weight']
         scale = (tensors['gate'].float() / tensors['sn_sigma'].float()).to(weight.dtype)
-        rows = torch.cat([s.expand(n) for s, n in zip(scale.unbind(), self.slice_sizes)]).unsqueeze(1)
-        return {'weight': weight * rows}
+        return {'weight': weight * expand_rows(scale, self.slice_sizes)}
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, slices={self.slice_sizes}'
 
 
-class SigmaReparamEmbedding(_SpectralNorm, SharedEmbedding):
+class SigmaReparamEmbedding(Reparameterized, _SpectralNorm, SharedEmbedding):
     """Token embedding ``a_e / sigma * W[x] * output_scale`` (embedding scaling in ``output_scale``).
 
     With tied embeddings (MPT's ``SharedEmbedding``) the head reuses W with its own scalar:
     ``logits = h (a_p / sigma * W)^T``.
     """
 
+    reparam_method = 'sigma_reparam'
     FOLDED_KEYS = ('gate', 'unembed_gate', *SPECTRAL_BUFFERS)
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, device=None,
@@ -160,10 +156,9 @@ class SigmaReparamEmbedding(_SpectralNorm, SharedEmbedding):
         self.gate = nn.Parameter(torch.ones(1, device=device, dtype=dtype))
         self.unembed_gate = nn.Parameter(torch.ones(1, device=device, dtype=dtype)) if tied_head else None
         self._init_spectral_buffers(num_embeddings, embedding_dim, device)
+        self._finish_init()
 
-    def reset_parameters(self) -> None:
-        if not hasattr(self, 'gate'):
-            return super().reset_parameters()
+    def reset_reparameterization(self) -> None:
         self._reset_weight_and_gates()
 
     def _sigma(self) -> torch.Tensor:
@@ -174,7 +169,7 @@ class SigmaReparamEmbedding(_SpectralNorm, SharedEmbedding):
         if unembed:
             if self.unembed_gate is None:
                 raise RuntimeError('This embedding is not tied to a prediction head (no unembed_gate).')
-            return _GatedLinearFunction.apply(input, self.weight, (self.unembed_gate / self._sigma()).view(1, 1), None)
+            return ScaledLinearFunction.apply(input, self.weight, (self.unembed_gate / self._sigma()).view(1, 1), None)
         out = F.embedding(input, self.weight, self.padding_idx)
         return out * (self.gate / self._sigma() * self.output_scale)
 
@@ -204,6 +199,3 @@ def request_power_iteration(model: nn.Module) -> int:
             count += 1
     return count
 
-
-REPARAMETERIZED[SigmaReparamLinear] = 'sigma_reparam'
-REPARAMETERIZED[SigmaReparamEmbedding] = 'sigma_reparam'

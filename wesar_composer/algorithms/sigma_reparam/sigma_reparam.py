@@ -24,22 +24,18 @@ import logging
 import math
 from typing import Mapping, Optional, Sequence, Union
 
-from composer.core import Algorithm, Event, State
+from composer.core import Event, State
 from composer.loggers import Logger
-from llmfoundry.callbacks import HuggingFaceCheckpointer
 from torch import nn
 from torch.optim import Optimizer
 
-from wesar_composer.algorithms.reparam.common import add_param_group, check_unreparameterized, swap_modules
-from wesar_composer.algorithms.reparam.fold import fold_reparam_on_hf_export
 from wesar_composer.algorithms.sigma_reparam.modules import (
     SigmaReparamEmbedding,
     SigmaReparamLinear,
     request_power_iteration,
 )
-from wesar_composer.param_init import is_meta, route_param_init_fn
+from wesar_composer.reparam.algorithm import ReparamAlgorithm
 from wesar_composer.reparam.checks import (
-    CheckedHparams,
     check_bool,
     check_choice,
     check_non_negative,
@@ -47,10 +43,8 @@ from wesar_composer.reparam.checks import (
     check_positive,
     check_role_map,
 )
-from wesar_composer.reparam.init import draw_base_seed, matrix_seed
-from wesar_composer.reparam.pretrained import resolve_init_mode
-from wesar_composer.reparam.trainer import check_loaded_checkpoint, guard_checkpoints, run_init_mode
-from wesar_composer.roles import MatrixSpec, check_complete, ModelShape, find_matrices, model_shape, unwrap
+from wesar_composer.reparam.surgery import add_param_group, adopt, discover, install
+from wesar_composer.roles import MatrixSpec, ModelShape
 
 log = logging.getLogger(__name__)
 
@@ -101,30 +95,14 @@ def apply_sigma_reparam(
     """
     sigma = check_hparams(sigma_squared, embedding_scaling, gate_weight_decay, role_map, init_mode)
     optimizers = check_optimizers(METHOD, optimizers)
-    check_unreparameterized(model, METHOD)
-    shape = model_shape(model)
-    specs = find_matrices(model, role_map)
-    if not specs:
-        raise ValueError(
-            f'No weight matrix of {type(unwrap(model)).__name__} matched a role; nothing to reparameterize. '
-            'Pass role_map={regex: role} naming its modules.',
-        )
-    check_complete(model, specs, METHOD, role_map)
-    resolve_init_mode(METHOD, init_mode, model, INIT_MODES)
-    base_seed = draw_base_seed() if seed is None else int(seed)
+    shape, specs, _ = discover(model, METHOD, role_map, init_mode, INIT_MODES)
     tied_head = shape.tied_embeddings and not any(s.roles == ('p',) for s in specs)  # MPT: wte is the head
     replacements, seen = {}, set()
     for spec in specs:
         shared = id(spec.module.weight) in seen  # a tied Hugging Face head: W is drawn once, by the embedding
         seen.add(id(spec.module.weight))
-        replacements[spec.module] = _reparameterized_module(spec, shape, sigma, embedding_scaling, tied_head, not shared)
-    for spec in specs:
-        replacements[spec.module].init_seed = matrix_seed(base_seed, spec.name)
-    swap_modules(model, replacements)
-    for module in replacements.values():
-        if not is_meta(module):  # a meta model is initialized when Composer materializes it
-            module.reset_parameters()
-    route_param_init_fn(model, _reset_reparameterized, METHOD)
+        replacements[spec] = _reparameterized_module(spec, shape, sigma, embedding_scaling, tied_head, not shared)
+    install(model, replacements, seed)
     if optimizers:
         gates = [m.gate for m in replacements.values()]
         gates += [m.unembed_gate for m in replacements.values() if getattr(m, 'unembed_gate', None) is not None]
@@ -163,27 +141,11 @@ def _reparameterized_module(
             slice_sizes=spec.slice_sizes,
             weight_std=std,
         )
-        new.bias = old.bias
         new.roles = spec.roles
-    new.weight = old.weight  # the same Parameter: optimizer state and weight tying stay intact
-    device, dtype = old.weight.device, old.weight.dtype
-    for name, gate in list(new.named_parameters(recurse=False)):
-        if 'gate' in name:  # values are set by reset_parameters
-            setattr(new, name, nn.Parameter(gate.new_empty(gate.shape, device=device, dtype=dtype)))
-    for name, buffer in list(new.named_buffers(recurse=False)):
-        setattr(new, name, buffer.new_empty(buffer.shape, device=device))
-    new.plain_class = type(old)  # what merge_reparameterization turns it back into
-    return new
+    return adopt(new, old)
 
 
-def _reset_reparameterized(module: nn.Module) -> bool:
-    if not isinstance(module, MODULES):
-        return False
-    module.reset_parameters()
-    return True
-
-
-class SigmaReparam(CheckedHparams, Algorithm):
+class SigmaReparam(ReparamAlgorithm):
     """Composer algorithm for sigma-Reparam: :func:`apply_sigma_reparam` at ``Event.INIT``, one power
     iteration per step (requested at ``Event.BATCH_START``, run by the first forward of the step).
 
@@ -198,6 +160,9 @@ class SigmaReparam(CheckedHparams, Algorithm):
         role_map: extra ``{regex: role}`` entries for architectures the default map misses.
         init_mode: ``'auto'`` (default: refuse pretrained weights) or ``'reinit'`` (discard them).
     """
+
+    method = METHOD
+    init_modes = INIT_MODES
 
     def __init__(
         self,
@@ -220,31 +185,23 @@ class SigmaReparam(CheckedHparams, Algorithm):
             f'gate_weight_decay={self.gate_weight_decay}, role_map={self.role_map}, init_mode={self.init_mode!r})'
         )
 
-    @staticmethod
-    def required_on_load() -> bool:
-        return True
-
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.AFTER_LOAD, Event.BATCH_START)
+        return event == Event.BATCH_START or super().match(event, state)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.BATCH_START:
             request_power_iteration(state.model)
             return
-        if event == Event.AFTER_LOAD:
-            check_loaded_checkpoint(state)
-            return
-        apply_sigma_reparam(
-            state.model,
-            optimizers=state.optimizers,
+        super().apply(event, state, logger)
+
+    def apply_to(self, model, optimizers, *, init_mode, seed):
+        return apply_sigma_reparam(
+            model,
+            optimizers=optimizers,
             sigma_squared=self.sigma_squared,
             embedding_scaling=self.embedding_scaling,
             gate_weight_decay=self.gate_weight_decay,
             role_map=self.role_map,
-            init_mode=run_init_mode(state, METHOD, self.init_mode, INIT_MODES),
-            seed=state.rank_zero_seed,
+            init_mode=init_mode,
+            seed=seed,
         )
-        guard_checkpoints(state)
-        for callback in state.callbacks:
-            if isinstance(callback, HuggingFaceCheckpointer):
-                fold_reparam_on_hf_export(callback, state.model)

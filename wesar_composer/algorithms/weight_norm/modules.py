@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from llmfoundry.models.layers.custom_embedding import SharedEmbedding
 from torch import nn
 
-from wesar_composer.algorithms.reparam.common import REPARAMETERIZED
 from wesar_composer.reparam.init import draw_base_seed, full_tensor, normal_like, write_
+from wesar_composer.reparam.modules import Reparameterized
 
 __all__ = ['WeightNormLinear', 'WeightNormEmbedding', 'row_norms', 'weight_norm_weight']
 
@@ -90,13 +90,14 @@ class _WeightNormLinearFunction(torch.autograd.Function):
         return grad_x, grad_v, grad_g, grad_b
 
 
-class WeightNormLinear(nn.Linear):
+class WeightNormLinear(Reparameterized, nn.Linear):
     """``y = x W_bar^T + b`` with W_bar = g * v / ||v|| per row; ``weight`` is v, ``weight_g`` is g.
 
     ``reset_parameters`` (also what Composer calls when it materializes a meta-device model)
     draws v ~ N(0, weight_std^2) and sets g = ||v||, so W_bar = v at initialization.
     """
 
+    reparam_method = 'weight_norm'
     FOLDED_KEYS = ('weight_g',)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
@@ -105,10 +106,9 @@ class WeightNormLinear(nn.Linear):
         self.weight_std = weight_std
         self.init_seed = init_seed
         self.weight_g = nn.Parameter(torch.empty(out_features, 1, device=device, dtype=dtype))
+        self._finish_init()
 
-    def reset_parameters(self) -> None:
-        if not hasattr(self, 'weight_g'):  # called by nn.Linear.__init__ before weight_g exists
-            return super().reset_parameters()
+    def reset_reparameterization(self) -> None:
         reset_weight_norm(self)
         if self.bias is not None:
             write_(self.bias, torch.zeros(self.bias.shape))
@@ -124,7 +124,7 @@ class WeightNormLinear(nn.Linear):
         return {'weight': weight_norm_weight(tensors['weight'], tensors['weight_g'])}
 
 
-class WeightNormEmbedding(SharedEmbedding):
+class WeightNormEmbedding(Reparameterized, SharedEmbedding):
     """Token embedding with weight-normalized rows (one g per token) and embedding scaling.
 
     ``embedding(x) = g[x] * v[x] / ||v[x]|| * output_scale``: only the looked-up rows are
@@ -132,6 +132,7 @@ class WeightNormEmbedding(SharedEmbedding):
     ``unembed=True``) computes with the whole W_bar and no output scale.
     """
 
+    reparam_method = 'weight_norm'
     FOLDED_KEYS = ('weight_g',)
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, device=None,
@@ -142,10 +143,9 @@ class WeightNormEmbedding(SharedEmbedding):
         self.init_seed = init_seed
         self.output_scale = float(output_scale)
         self.weight_g = nn.Parameter(torch.empty(num_embeddings, 1, device=device, dtype=dtype))
+        self._finish_init()
 
-    def reset_parameters(self) -> None:
-        if not hasattr(self, 'weight_g'):
-            return super().reset_parameters()
+    def reset_reparameterization(self) -> None:
         reset_weight_norm(self)  # no zero padding row: its norm would be 0
 
     def virtual_weight(self) -> torch.Tensor:
@@ -168,6 +168,3 @@ class WeightNormEmbedding(SharedEmbedding):
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, output_scale={self.output_scale:.4g}'
 
-
-REPARAMETERIZED[WeightNormLinear] = 'weight_norm'
-REPARAMETERIZED[WeightNormEmbedding] = 'weight_norm'

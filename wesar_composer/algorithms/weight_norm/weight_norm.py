@@ -14,18 +14,12 @@ import logging
 import math
 from typing import Mapping, Optional, Sequence, Union
 
-from composer.core import Algorithm, Event, State
-from composer.loggers import Logger
-from llmfoundry.callbacks import HuggingFaceCheckpointer
 from torch import nn
 from torch.optim import Optimizer
 
-from wesar_composer.algorithms.reparam.common import add_param_group, check_unreparameterized, swap_modules
-from wesar_composer.algorithms.reparam.fold import fold_reparam_on_hf_export
 from wesar_composer.algorithms.weight_norm.modules import WeightNormEmbedding, WeightNormLinear
-from wesar_composer.param_init import is_meta, route_param_init_fn
+from wesar_composer.reparam.algorithm import ReparamAlgorithm
 from wesar_composer.reparam.checks import (
-    CheckedHparams,
     check_bool,
     check_choice,
     check_non_negative,
@@ -33,10 +27,8 @@ from wesar_composer.reparam.checks import (
     check_positive,
     check_role_map,
 )
-from wesar_composer.reparam.init import draw_base_seed, matrix_seed
-from wesar_composer.reparam.pretrained import resolve_init_mode
-from wesar_composer.reparam.trainer import check_loaded_checkpoint, guard_checkpoints, run_init_mode
-from wesar_composer.roles import MatrixSpec, check_complete, find_matrices, model_shape, unwrap
+from wesar_composer.reparam.surgery import add_param_group, adopt, discover, install
+from wesar_composer.roles import MatrixSpec
 
 log = logging.getLogger(__name__)
 
@@ -81,29 +73,13 @@ def apply_weight_norm(
     """
     sigma = check_hparams(sigma_squared, embedding_scaling, gain_weight_decay, role_map, init_mode)
     optimizers = check_optimizers(METHOD, optimizers)
-    check_unreparameterized(model, METHOD)
-    model_shape(model)  # raises if width and depth cannot be read
-    specs = find_matrices(model, role_map)
-    if not specs:
-        raise ValueError(
-            f'No weight matrix of {type(unwrap(model)).__name__} matched a role; nothing to normalize. '
-            'Pass role_map={regex: role} naming its modules.',
-        )
-    check_complete(model, specs, METHOD, role_map)
-    resolve_init_mode(METHOD, init_mode, model, INIT_MODES)
-    base_seed = draw_base_seed() if seed is None else int(seed)
+    _, specs, _ = discover(model, METHOD, role_map, init_mode, INIT_MODES)
     replacements, seen = {}, set()
     for spec in specs:
         shared = id(spec.module.weight) in seen  # a tied head: its weight is drawn once, by the embedding
         seen.add(id(spec.module.weight))
-        replacements[spec.module] = _normalized_module(spec, sigma, embedding_scaling, draw=not shared)
-    for spec in specs:
-        replacements[spec.module].init_seed = matrix_seed(base_seed, spec.name)
-    swap_modules(model, replacements)
-    for module in replacements.values():
-        if not is_meta(module):  # a meta model is initialized when Composer materializes it
-            module.reset_parameters()
-    route_param_init_fn(model, _reset_normalized, METHOD)
+        replacements[spec] = _normalized_module(spec, sigma, embedding_scaling, draw=not shared)
+    install(model, replacements, seed)
     if optimizers:
         add_param_group(optimizers[0], [m.weight_g for m in replacements.values()], gain_weight_decay)
     log.info('weight_norm: %d matrices (sigma^2=%g).', len(specs), sigma_squared)
@@ -124,22 +100,11 @@ def _normalized_module(spec: MatrixSpec, sigma: float, embedding_scaling: bool, 
         )
     else:
         new = WeightNormLinear(old.in_features, old.out_features, bias=old.bias is not None, device='meta', weight_std=std)
-        new.bias = old.bias
-    new.weight = old.weight  # the same Parameter: optimizer state and weight tying stay intact
-    new.weight_g = nn.Parameter(old.weight.new_empty(old.weight.shape[0], 1))
     new.roles = spec.roles
-    new.plain_class = type(old)  # what merge_reparameterization turns it back into
-    return new
+    return adopt(new, old)
 
 
-def _reset_normalized(module: nn.Module) -> bool:
-    if not isinstance(module, MODULES):
-        return False
-    module.reset_parameters()
-    return True
-
-
-class WeightNorm(CheckedHparams, Algorithm):
+class WeightNorm(ReparamAlgorithm):
     """Composer algorithm for Weight Normalization: runs :func:`apply_weight_norm` at ``Event.INIT``.
 
     YAML: ``algorithms: {weight_norm: {sigma_squared: 1.6e-4}}``. An llm-foundry
@@ -153,6 +118,9 @@ class WeightNorm(CheckedHparams, Algorithm):
         role_map: extra ``{regex: role}`` entries for architectures the default map misses.
         init_mode: ``'auto'`` (default: refuse pretrained weights) or ``'reinit'`` (discard them).
     """
+
+    method = METHOD
+    init_modes = INIT_MODES
 
     def __init__(
         self,
@@ -175,28 +143,14 @@ class WeightNorm(CheckedHparams, Algorithm):
             f'gain_weight_decay={self.gain_weight_decay}, role_map={self.role_map}, init_mode={self.init_mode!r})'
         )
 
-    @staticmethod
-    def required_on_load() -> bool:
-        return True
-
-    def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.AFTER_LOAD)
-
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.AFTER_LOAD:
-            check_loaded_checkpoint(state)
-            return
-        apply_weight_norm(
-            state.model,
-            optimizers=state.optimizers,
+    def apply_to(self, model, optimizers, *, init_mode, seed):
+        return apply_weight_norm(
+            model,
+            optimizers=optimizers,
             sigma_squared=self.sigma_squared,
             embedding_scaling=self.embedding_scaling,
             gain_weight_decay=self.gain_weight_decay,
             role_map=self.role_map,
-            init_mode=run_init_mode(state, METHOD, self.init_mode, INIT_MODES),
-            seed=state.rank_zero_seed,
+            init_mode=init_mode,
+            seed=seed,
         )
-        guard_checkpoints(state)
-        for callback in state.callbacks:
-            if isinstance(callback, HuggingFaceCheckpointer):
-                fold_reparam_on_hf_export(callback, state.model)

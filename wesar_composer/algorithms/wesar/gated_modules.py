@@ -5,15 +5,15 @@ actual parameter W ~ N(0, sigma^2) and the trainable gate a starts at s_r / sigm
 
 Implementation choice: the linear layer scales the *weight* (one elementwise product of
 d_out x d_in) rather than its output (B x T x d_out), because during pre-training the number
-of tokens in a batch far exceeds the width. A custom autograd function keeps a * W out of
-the saved tensors (it is recomputed in backward), so the gated model holds no extra copy of
-its weights between forward and backward; plain autograd would keep one copy per matrix. The
+of tokens in a batch far exceeds the width. The scaled linear function keeps a * W out of the
+saved tensors (it is recomputed in backward), so the gated model holds no extra copy of its
+weights between forward and backward; plain autograd would keep one copy per matrix. The
 embedding scales its *output* instead (B x T x d is far smaller than vocab x d).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,42 +21,11 @@ from llmfoundry.models.layers.custom_embedding import SharedEmbedding
 from torch import nn
 
 from wesar_composer.reparam.init import draw_base_seed, normal_like, write_
+from wesar_composer.reparam.modules import Reparameterized, ScaledLinearFunction, expand_rows
 
+__all__ = ['GatedLinear', 'GatedEmbedding']
 
-class _GatedLinearFunction(torch.autograd.Function):
-    """y = x (g * W)^T + b, saving x, W and g (not g * W) for backward.
-
-    Backward: dL/dW_bar = dy^T x; dL/dW = g * dL/dW_bar; dL/dg = sum_in(dL/dW_bar * W);
-    dL/dx = dy (g * W), with g * W recomputed. Matmuls run in the dtype of dy, which is the
-    autocast dtype when the forward ran under autocast.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, row_gates, bias):
-        ctx.save_for_backward(x, weight, row_gates)
-        ctx.has_bias = bias is not None
-        return F.linear(x, weight * row_gates, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, row_gates = ctx.saved_tensors
-        need_x, need_w, need_g, need_b = ctx.needs_input_grad
-        compute_dtype = grad_out.dtype
-        grad_x = grad_w = grad_g = grad_b = None
-        if need_x:
-            grad_x = grad_out @ (weight * row_gates).to(compute_dtype)
-        if need_w or need_g:
-            flat_out = grad_out.reshape(-1, grad_out.shape[-1])
-            grad_virtual = (flat_out.t() @ x.reshape(-1, x.shape[-1]).to(compute_dtype)).to(weight.dtype)
-            if need_w:
-                grad_w = grad_virtual * row_gates
-            if need_g:
-                grad_g = (grad_virtual * weight).sum(dim=1, keepdim=True)
-                if row_gates.shape[0] == 1:
-                    grad_g = grad_g.sum(dim=0, keepdim=True)
-        if need_b and ctx.has_bias:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_w, grad_g, grad_b
+METHOD = 'wesar'
 
 
 def reset_gated(module: nn.Module, weight_std: float | None, gate_init: Sequence[float]) -> None:
@@ -68,7 +37,7 @@ def reset_gated(module: nn.Module, weight_std: float | None, gate_init: Sequence
     write_(module.gate, torch.tensor(gate_init))
 
 
-class GatedLinear(nn.Linear):
+class GatedLinear(Reparameterized, nn.Linear):
     """``y = x (a * W)^T + b`` with one scalar gate per output slice.
 
     ``slice_sizes`` splits the output rows (q, k, v of a fused projection); a plain
@@ -77,6 +46,9 @@ class GatedLinear(nn.Linear):
     exactly the WeSaR initialization, the same on every rank. ``weight_std=None`` keeps W as it
     is (the function-preserving mode of pretrained weights).
     """
+
+    reparam_method = METHOD
+    FOLDED_KEYS = ('gate',)
 
     def __init__(
         self,
@@ -103,38 +75,41 @@ class GatedLinear(nn.Linear):
             torch.tensor(self.gate_init, device=device, dtype=dtype or torch.get_default_dtype()),
             requires_grad=trainable_gate,
         )
+        self._finish_init()
 
-    def reset_parameters(self) -> None:
-        if not hasattr(self, 'gate'):  # called by nn.Linear.__init__ before the gate exists
-            return super().reset_parameters()
+    def reset_reparameterization(self) -> None:
         reset_gated(self, self.weight_std, self.gate_init)
         if self.bias is not None:
             write_(self.bias, torch.zeros(self.bias.shape))
 
     def row_gates(self) -> torch.Tensor:
         """The gate of every output row, shape (out_features, 1)."""
-        if len(self.slice_sizes) == 1:
-            return self.gate.view(1, 1)
-        parts = [g.expand(n) for g, n in zip(self.gate.unbind(), self.slice_sizes)]
-        return torch.cat(parts).unsqueeze(1)
+        return expand_rows(self.gate, self.slice_sizes)
 
     def virtual_weight(self) -> torch.Tensor:
         """W_bar = a * W."""
         return self.weight * self.row_gates()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _GatedLinearFunction.apply(x, self.weight, self.row_gates(), self.bias)
+        return ScaledLinearFunction.apply(x, self.weight, self.row_gates(), self.bias)
+
+    def fold_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weight = tensors['weight']
+        return {'weight': weight * expand_rows(tensors['gate'], self.slice_sizes).to(weight)}
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, slices={self.slice_sizes}'
 
 
-class GatedEmbedding(SharedEmbedding):
+class GatedEmbedding(Reparameterized, SharedEmbedding):
     """Token embedding ``a_e * W_e[x] * scale`` with embedding scaling ``scale = 1 / std(W_e)``.
 
     With tied embeddings (MPT's ``SharedEmbedding``), the prediction head reuses W with its
     own gate: ``logits = h (a_p * W)^T``.
     """
+
+    reparam_method = METHOD
+    FOLDED_KEYS = ('gate', 'unembed_gate')
 
     def __init__(
         self,
@@ -160,10 +135,9 @@ class GatedEmbedding(SharedEmbedding):
         self.unembed_gate = None
         if unembed_gate_init is not None:
             self.unembed_gate = nn.Parameter(torch.tensor(self.gate_init[1:], device=device), requires_grad=trainable_gate)
+        self._finish_init()
 
-    def reset_parameters(self) -> None:
-        if not hasattr(self, 'gate'):
-            return super().reset_parameters()
+    def reset_reparameterization(self) -> None:
         reset_gated(self, self.weight_std, self.gate_init[:1])
         if self.unembed_gate is not None:
             write_(self.unembed_gate, torch.tensor(self.gate_init[1:]))
@@ -175,6 +149,14 @@ class GatedEmbedding(SharedEmbedding):
             return F.linear(input, self.weight * self.unembed_gate)
         out = F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
         return out * (self.gate * self.output_scale)
+
+    def fold_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weight = tensors['weight']
+        return {'weight': weight * (tensors['gate'] * self.output_scale).to(weight)}
+
+    def unembed_factor(self, tensors: Mapping[str, torch.Tensor]) -> float:
+        """a_p / (a_e * scale): the head's weight over the folded embedding's."""
+        return (tensors['unembed_gate'] / (tensors['gate'] * self.output_scale)).item()
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, output_scale={self.output_scale:.4g}, tied={self.unembed_gate is not None}'

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from composer.utils import module_surgery
 from torch import nn
 
 from wesar_composer.algorithms.wesar.gated_modules import GatedEmbedding, GatedLinear
-from wesar_composer.roles import find_config, layer_index, unwrap
+from wesar_composer.reparam.fold import merge_reparameterization
+from wesar_composer.roles import layer_index, unwrap
 
 __all__ = ['gate_table', 'merge_gates']
 
@@ -47,54 +47,14 @@ def _row(name: str, role: str, gate: torch.Tensor, weight: torch.Tensor) -> dict
     }
 
 
-@torch.no_grad()
 def merge_gates(model: nn.Module) -> nn.Module:
     """Fold every gate into its weight (W <- a * W) and remove the gates.
 
     The result is the plain model with the ungated state-dict keys and the same outputs:
     the embedding takes its output scaling into the weight; MPT's tied head keeps its own
-    gate as ``logit_scale``; a Hugging Face tied head is untied.
+    gate as ``logit_scale``; a Hugging Face tied head is untied. The same fold as
+    :func:`~wesar_composer.merge_reparameterization`, which every method shares.
     """
-    inner = unwrap(model)
-    gated = {m for m in inner.modules() if isinstance(m, (GatedLinear, GatedEmbedding))}
-    if not gated:
-        raise ValueError(f'{type(inner).__name__} has no WeSaR gates to merge.')
-    tied_logit_factor = None
-    merged: dict[nn.Module, nn.Module] = {}
-    for module in gated:
-        if isinstance(module, GatedLinear):
-            plain = module.plain_class(module.in_features, module.out_features, bias=module.bias is not None, device='meta')
-            plain.weight = nn.Parameter(module.virtual_weight().detach().clone())
-            plain.bias = module.bias
-        else:
-            plain = module.plain_class(module.num_embeddings, module.embedding_dim, module.padding_idx, device='meta')
-            embed_scale = module.gate[0] * module.output_scale
-            plain.weight = nn.Parameter((module.weight * embed_scale).detach().clone())
-            if module.unembed_gate is not None:
-                tied_logit_factor = (module.unembed_gate[0] / embed_scale).item()
-        for attr in ('_fused', '_is_residual', '_fsdp_wrap'):
-            if hasattr(module, attr):
-                setattr(plain, attr, getattr(module, attr))
-        merged[module] = plain
-
-    module_surgery.replace_module_classes(
-        inner,
-        policies={GatedLinear: lambda m, _: merged.get(m), GatedEmbedding: lambda m, _: merged.get(m)},
-    )
-    config = find_config(model)
-    if tied_logit_factor is not None:
-        _fold_into_logit_scale(inner, config, tied_logit_factor)
-    elif config is not None and getattr(config, 'tie_word_embeddings', False):
-        config.tie_word_embeddings = False  # e and p had different gates: their merged weights differ
-    return model
-
-
-def _fold_into_logit_scale(inner: nn.Module, config, factor: float) -> None:
-    """MPT tied head: logits = h (a_p W)^T = h W'^T * a_p / (a_e / sigma), with W' = a_e W / sigma."""
-    owners = [m for m in inner.modules() if hasattr(m, 'logit_scale') and isinstance(m, nn.Module)]
-    if not owners:
-        raise ValueError('Tied embeddings with separate e and p gates need a model with `logit_scale` (MPT) to merge.')
-    for owner in owners:
-        owner.logit_scale = (owner.logit_scale or 1.0) * factor
-    if config is not None:
-        config.logit_scale = owners[0].logit_scale
+    if not any(isinstance(m, (GatedLinear, GatedEmbedding)) for m in unwrap(model).modules()):
+        raise ValueError(f'{type(unwrap(model)).__name__} has no WeSaR gates to merge.')
+    return merge_reparameterization(model)

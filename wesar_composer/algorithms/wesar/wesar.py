@@ -7,19 +7,14 @@ import math
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
-from composer.core import Algorithm, Event, State
-from composer.loggers import Logger
-from composer.utils import dist, module_surgery
-from llmfoundry.callbacks import HuggingFaceCheckpointer
+from composer.utils import dist
 from torch import nn
 from torch.optim import Optimizer
 
 from wesar_composer.algorithms.wesar.gated_modules import GatedEmbedding, GatedLinear
-from wesar_composer.algorithms.wesar.hf_export import fold_gates_on_hf_export
-from wesar_composer.param_init import route_param_init_fn
+from wesar_composer.reparam.algorithm import ReparamAlgorithm
 from wesar_composer.reparam.checks import (
     INIT_MODES,
-    CheckedHparams,
     check_bool,
     check_choice,
     check_non_negative,
@@ -27,28 +22,16 @@ from wesar_composer.reparam.checks import (
     check_positive,
     check_role_map,
 )
-from wesar_composer.reparam.init import draw_base_seed, matrix_seed
-from wesar_composer.reparam.pretrained import resolve_init_mode
-from wesar_composer.reparam.trainer import check_loaded_checkpoint, guard_checkpoints, run_init_mode
-from wesar_composer.roles import (
-    BACKBONES,
-    MatrixSpec,
-    ModelShape,
-    backbone_std,
-    check_complete,
-    embedding_std,
-    find_matrices,
-    model_shape,
-    unwrap,
-)
+from wesar_composer.reparam.surgery import add_param_group, adopt, discover, install
+from wesar_composer.roles import BACKBONES, MatrixSpec, ModelShape, backbone_std, embedding_std
 
 log = logging.getLogger(__name__)
 
 __all__ = ['WeSaR', 'apply_wesar', 'GATED_MODULES']
 
+METHOD = 'wesar'
 DEFAULT_SIGMA_SQUARED = 4e-5  # Section 4.3: sigma^2 = 4e-5, the Small-init std of a d = 10,000 model
 GATED_MODULES = (GatedLinear, GatedEmbedding)
-ROUTE_TAG = 'wesar'
 
 
 def check_hparams(
@@ -105,49 +88,19 @@ def apply_wesar(
     sigma = check_hparams(
         sigma_squared, backbone, trainable_gates, gate_weight_decay, embedding_scaling, role_map, init_mode,
     )
-    optimizers = check_optimizers('wesar', optimizers)
-    from wesar_composer.algorithms.reparam.common import applied_method  # imports this module
-
-    applied = applied_method(model)
-    if applied and applied[0] == 'wesar':
-        raise ValueError(f'WeSaR is already applied to this model (gated modules such as {applied[1]!r}).')
-    if applied:
-        raise ValueError(
-            f'{applied[0]} is already applied to this model ({applied[1]!r}); WeSaR replaces such a method '
-            'rather than stacking on it: name one of them in algorithms.',
-        )
-    shape = model_shape(model)
-    specs = find_matrices(model, role_map)
-    if not specs:
-        raise ValueError(
-            f'No weight matrix of {type(unwrap(model)).__name__} matched a role; nothing to gate. '
-            'Pass role_map={regex: role} naming its modules.',
-        )
-    check_complete(model, specs, 'wesar', role_map)
-    mode = resolve_init_mode('wesar', init_mode, model)
-    preserved = _preserved_stds(specs, sigma) if mode == 'preserve' else None
-    base_seed = draw_base_seed() if seed is None else int(seed)
-
+    optimizers = check_optimizers(METHOD, optimizers)
+    shape, specs, mode = discover(model, METHOD, role_map, init_mode, INIT_MODES)
+    preserved = _preserved_stds(specs) if mode == 'preserve' else None
     replacements = {
-        spec.module: _gated_module(spec, shape, sigma, backbone, trainable_gates, embedding_scaling, specs, preserved)
+        spec: _gated_module(spec, shape, sigma, backbone, trainable_gates, embedding_scaling, specs, preserved)
         for spec in specs
     }
-    for spec in specs:
-        replacements[spec.module].init_seed = matrix_seed(base_seed, spec.name)
-    module_surgery.replace_module_classes(
-        unwrap(model),
-        policies={nn.Linear: lambda m, _: replacements.get(m), nn.Embedding: lambda m, _: replacements.get(m)},
-    )
-    if preserved is not None:
-        _rescale_to_sigma(specs, preserved, sigma)
-    for replacement in replacements.values():
-        if not replacement.weight.is_meta:  # a meta model is initialized when Composer materializes it
-            replacement.reset_parameters()
-    _route_param_init_fn(model)
+    rescale = (lambda: _rescale_to_sigma(specs, preserved, sigma)) if preserved is not None else None
+    install(model, replacements, seed, before_init=rescale)
     gates = [m.gate for m in replacements.values()]
     gates += [m.unembed_gate for m in replacements.values() if getattr(m, 'unembed_gate', None) is not None]
     if trainable_gates and optimizers:
-        _add_gate_group(optimizers[0], gates, gate_weight_decay)
+        add_param_group(optimizers[0], gates, gate_weight_decay)
     log.info(
         'WeSaR gated %d matrices (sigma^2=%g, backbone=%s, %s).', len(specs), sigma_squared, backbone,
         'trained weights preserved: W rescaled to sigma, gates carry the old scale' if preserved else 'new init',
@@ -155,7 +108,7 @@ def apply_wesar(
     return model
 
 
-def _preserved_stds(specs: list[MatrixSpec], sigma: float) -> Optional[dict[int, tuple[float, ...]]]:
+def _preserved_stds(specs: list[MatrixSpec]) -> Optional[dict[int, tuple[float, ...]]]:
     """Std of every row slice of every trained weight, keyed by id(weight); None on a meta model.
 
     A meta-device model (the ranks other than 0 under ``init_device: mixed``) has no weights to
@@ -175,7 +128,7 @@ def _preserved_stds(specs: list[MatrixSpec], sigma: float) -> Optional[dict[int,
         stds[key] = tuple(w.std().item() for w in slices)
         bad = [std for std in stds[key] if not (math.isfinite(std) and std > 0)]
         if bad:
-            raise ValueError(f"wesar: cannot preserve {spec.name}: its weight has std {bad[0]!r} (needs > 0).")
+            raise ValueError(f'wesar: cannot preserve {spec.name}: its weight has std {bad[0]!r} (needs > 0).')
     return stds
 
 
@@ -243,48 +196,11 @@ def _gated_module(
             weight_std=weight_std,
             trainable_gate=trainable,
         )
-        new.bias = old.bias
-    new.roles = spec.roles + (('p',) if new_is_tied_embedding(new) else ())
-    new.plain_class = type(old)  # what merge_gates turns it back into
-    new.weight = old.weight  # the same Parameter: optimizer state and weight tying stay intact
-    for attr in ('_fused', '_is_residual', '_fsdp_wrap'):  # llm-foundry's markers for init and FSDP
-        if hasattr(old, attr):
-            setattr(new, attr, getattr(old, attr))
-    for name, gate in list(new.named_parameters(recurse=False)):
-        if 'gate' in name:  # gates live beside the weight; values are set by reset_parameters
-            empty = torch.empty(gate.shape, device=old.weight.device, dtype=old.weight.dtype)
-            setattr(new, name, nn.Parameter(empty, requires_grad=trainable))
-    return new
+    new.roles = spec.roles + (('p',) if isinstance(new, GatedEmbedding) and new.unembed_gate is not None else ())
+    return adopt(new, old, requires_grad=trainable)
 
 
-def new_is_tied_embedding(module: nn.Module) -> bool:
-    return isinstance(module, GatedEmbedding) and module.unembed_gate is not None
-
-
-def _route_param_init_fn(model: nn.Module) -> None:
-    """Make every ``param_init_fn`` (llm-foundry's MPT has one) initialize gated modules the WeSaR way.
-
-    Composer calls ``obj.param_init_fn(module)`` on each module when it materializes a meta
-    model under FSDP; gated modules then get ``reset_parameters`` (W ~ N(0, sigma^2), a = s_r / sigma).
-    """
-    route_param_init_fn(model, _reset_gated, ROUTE_TAG)
-
-
-def _reset_gated(module: nn.Module) -> bool:
-    if not isinstance(module, GATED_MODULES):
-        return False
-    module.reset_parameters()
-    return True
-
-
-def _add_gate_group(optimizer: Optimizer, gates: list[nn.Parameter], weight_decay: float) -> None:
-    """Gates get a param group of their own: the first group's settings, their own weight decay."""
-    group = {k: v for k, v in optimizer.param_groups[0].items() if k != 'params'}
-    group.update(params=gates, weight_decay=weight_decay)
-    optimizer.add_param_group(group)
-
-
-class WeSaR(CheckedHparams, Algorithm):
+class WeSaR(ReparamAlgorithm):
     """Composer algorithm for WeSaR: runs :func:`apply_wesar` at ``Event.INIT``.
 
     An llm-foundry ``hf_checkpointer`` in the same run exports the merged model (gates folded
@@ -305,6 +221,9 @@ class WeSaR(CheckedHparams, Algorithm):
         init_mode: ``'auto'`` (default: new init; refuse pretrained weights), ``'reinit'`` or
             ``'preserve'`` (keep a pretrained model's function; see :func:`apply_wesar`).
     """
+
+    method = METHOD
+    init_modes = INIT_MODES
 
     def __init__(
         self,
@@ -334,30 +253,16 @@ class WeSaR(CheckedHparams, Algorithm):
             f'embedding_scaling={self.embedding_scaling}, role_map={self.role_map}, init_mode={self.init_mode!r})'
         )
 
-    @staticmethod
-    def required_on_load() -> bool:
-        return True
-
-    def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.AFTER_LOAD)
-
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.AFTER_LOAD:
-            check_loaded_checkpoint(state)
-            return
-        apply_wesar(
-            state.model,
-            optimizers=state.optimizers,
+    def apply_to(self, model, optimizers, *, init_mode, seed):
+        return apply_wesar(
+            model,
+            optimizers=optimizers,
             sigma_squared=self.sigma_squared,
             backbone=self.backbone,
             trainable_gates=self.trainable_gates,
             gate_weight_decay=self.gate_weight_decay,
             embedding_scaling=self.embedding_scaling,
             role_map=self.role_map,
-            init_mode=run_init_mode(state, 'wesar', self.init_mode),
-            seed=state.rank_zero_seed,
+            init_mode=init_mode,
+            seed=seed,
         )
-        guard_checkpoints(state)
-        for callback in state.callbacks:
-            if isinstance(callback, HuggingFaceCheckpointer):
-                fold_gates_on_hf_export(callback, state.model)

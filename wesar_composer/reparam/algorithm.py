@@ -1,0 +1,78 @@
+"""The Composer side every model-changing algorithm of the package shares.
+
+:class:`ReparamAlgorithm` is the Composer ``Algorithm`` shape (hyperparameters checked where
+built, ``required_on_load``, an eval-able ``__repr__``) with what each of them does around its
+functional ``apply_x``:
+
+- ``Event.INIT``: decide re-initialize or preserve with the verdict of all ranks on pretrained
+  weights (so that all ranks raise, or none); apply with the run's ``rank_zero_seed`` (the same
+  on every rank); install the checkpoint-key checks; make llm-foundry's ``hf_checkpointer``
+  export the merged model.
+- ``Event.AFTER_LOAD``: compare a local sharded checkpoint's keys with the model's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from composer.core import Algorithm, Event, State
+from composer.loggers import Logger
+from composer.utils import FSDPConfig
+from llmfoundry.callbacks import HuggingFaceCheckpointer
+from torch import nn
+from torch.optim import Optimizer
+
+from wesar_composer.reparam.checkpoints import CheckedLoadPlanner, check_sharded_checkpoint, guard_model_loads
+from wesar_composer.reparam.checks import CheckedHparams
+from wesar_composer.reparam.fold import export_merged, reparameterized_modules
+from wesar_composer.reparam.pretrained import any_rank, pretrained_model_name, resolve_init_mode
+
+__all__ = ['ReparamAlgorithm']
+
+
+class ReparamAlgorithm(CheckedHparams, Algorithm):
+    """Base of the algorithms that change the model at ``Event.INIT``; subclasses implement :meth:`apply_to`.
+
+    Subclasses set ``method`` (the registry key) and ``init_modes``, keep their hyperparameters
+    as attributes (``init_mode`` among them) and list them in ``__repr__``.
+    """
+
+    method: str = ''
+    init_modes: tuple[str, ...] = ('auto', 'reinit')
+    init_mode: str = 'auto'
+
+    @staticmethod
+    def required_on_load() -> bool:
+        return True
+
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.INIT, Event.AFTER_LOAD)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
+        if event == Event.AFTER_LOAD:
+            if state.fsdp_sharded_state_dict_enabled:
+                check_sharded_checkpoint(state.load_path, state.model)
+            return None
+        local = pretrained_model_name(state.model) is not None
+        pretrained = any_rank(local, state.device._device) if state.device is not None else local
+        init_mode = resolve_init_mode(self.method, self.init_mode, state.model, self.init_modes, pretrained=pretrained)
+        self.apply_to(state.model, state.optimizers, init_mode=init_mode, seed=state.rank_zero_seed)
+        guard_model_loads(state.model)
+        if isinstance(state.fsdp_config, FSDPConfig) and state.fsdp_config.load_planner is None:
+            state.fsdp_config.load_planner = CheckedLoadPlanner()
+        if reparameterized_modules(state.model):
+            for callback in state.callbacks:
+                if isinstance(callback, HuggingFaceCheckpointer):
+                    export_merged(callback, state.model)
+        return None
+
+    def apply_to(
+        self,
+        model: nn.Module,
+        optimizers: Optional[Sequence[Optimizer]],
+        *,
+        init_mode: str,
+        seed: int,
+    ) -> Any:
+        """Call the algorithm's functional form with this object's hyperparameters."""
+        raise NotImplementedError
