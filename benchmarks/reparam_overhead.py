@@ -45,7 +45,12 @@ APPLY = {
     'sigma_reparam': lambda m: apply_sigma_reparam(m, sigma_squared=64e-5),
     'residual_scaling': lambda m: apply_residual_scaling(m, backbone='small'),
 }
-PAPER = {'wesar': 1.95, 'weight_norm': 12.6, 'sigma_reparam': 6.25, 'residual_scaling': 1.58}  # Table 6, % vs Small init
+PAPER = {
+    'wesar': 1.95,
+    'weight_norm': 12.6,
+    'sigma_reparam': 6.25,
+    'residual_scaling': 1.58,
+}  # Table 6, % vs Small init
 
 
 def build(method: str, shape: str, seq_len: int, device: str):
@@ -122,8 +127,10 @@ def main() -> None:
 
     medians, ratios = side_by_side(args)
     load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
-    print(f'shape {args.shape}, device {args.device} ({torch.get_num_threads()} threads, load {load:.2f}), '
-          f'{args.batch_size * args.seq_len} tokens per step, median of {args.steps} interleaved rounds')
+    print(
+        f'shape {args.shape}, device {args.device} ({torch.get_num_threads()} threads, load {load:.2f}), '
+        f'{args.batch_size * args.seq_len} tokens per step, median of {args.steps} interleaved rounds'
+    )
     print(f'{"method":<18}{"step s":>10}{"vs small_init":>16}{"paper (1.3B)":>15}')
     for m, t in medians.items():
         paper = f'+{PAPER[m]:.2f}%' if m in PAPER else ''

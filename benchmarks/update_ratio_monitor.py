@@ -39,10 +39,20 @@ def child(setting: str, seq: int, batch: int, steps: int, warmup: int) -> dict:
 
     torch.manual_seed(0)
     model = ComposerMPTCausalLM(
-        d_model=768, n_heads=12, n_layers=12, expansion_ratio=4, max_seq_len=seq, vocab_size=32000,
-        no_bias=True, norm_type='rmsnorm', norm_eps=1e-5, learned_pos_emb=False, tie_word_embeddings=False,
+        d_model=768,
+        n_heads=12,
+        n_layers=12,
+        expansion_ratio=4,
+        max_seq_len=seq,
+        vocab_size=32000,
+        no_bias=True,
+        norm_type='rmsnorm',
+        norm_eps=1e-5,
+        learned_pos_emb=False,
+        tie_word_embeddings=False,
         attn_config={'attn_impl': 'torch', 'rope': True, 'rope_impl': 'hf'},
-        ffn_config={'ffn_type': 'mptmlp', 'ffn_act_fn': {'name': 'gelu'}}, loss_fn='torch_crossentropy',
+        ffn_config={'ffn_type': 'mptmlp', 'ffn_act_fn': {'name': 'gelu'}},
+        loss_fn='torch_crossentropy',
     )
     tokens = torch.randint(0, 32000, (batch * (steps + warmup), seq), generator=torch.Generator().manual_seed(0))
     data = [{'input_ids': t, 'labels': t.clone(), 'attention_mask': torch.ones_like(t)} for t in tokens]
@@ -95,7 +105,9 @@ def child(setting: str, seq: int, batch: int, steps: int, warmup: int) -> dict:
         log_to_console=False,
     )
     trainer.fit()
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n.endswith('.weight') and p.dim() == 2)
+    weights = sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if n.endswith('.weight') and p.dim() == 2
+    )
     return {
         'wall': timer.wall[warmup:],
         'cpu': timer.cpu[warmup:],
@@ -126,6 +138,7 @@ def _peak_rss_mb() -> float:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--seq', type=int, default=512)
@@ -133,8 +146,13 @@ def main() -> None:
     parser.add_argument('--steps', type=int, default=20, help='measured steps per run (after --warmup)')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--rounds', type=int, default=2)
-    parser.add_argument('--settings', nargs='+', default=list(SETTINGS), choices=SETTINGS,
-                        help="which runs: 'none', '1', '10' (log_interval), '2' (the paired run)")
+    parser.add_argument(
+        '--settings',
+        nargs='+',
+        default=list(SETTINGS),
+        choices=SETTINGS,
+        help="which runs: 'none', '1', '10' (log_interval), '2' (the paired run)",
+    )
     parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -146,8 +164,20 @@ def main() -> None:
     runs: dict[str, list[dict]] = {s: [] for s in settings}
     for round_ in range(args.rounds):
         for setting in settings:
-            cmd = [sys.executable, __file__, '--child', setting, '--seq', str(args.seq), '--batch', str(args.batch),
-                   '--steps', str(args.steps), '--warmup', str(args.warmup)]
+            cmd = [
+                sys.executable,
+                __file__,
+                '--child',
+                setting,
+                '--seq',
+                str(args.seq),
+                '--batch',
+                str(args.batch),
+                '--steps',
+                str(args.steps),
+                '--warmup',
+                str(args.warmup),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             runs[setting].append(json.loads(out))
             print(f'round {round_ + 1}, monitor {setting}: {json.dumps(runs[setting][-1])}', file=sys.stderr)
@@ -156,29 +186,41 @@ def main() -> None:
     def pooled(setting, key):
         return [t for r in runs[setting] for t in r[key]]
 
-    print(f'130M-shape MPT with WeSaR ({first["params_m"]:.1f}M parameters), fp32, CPU ({first["threads"]} threads), '
-          f'batch {args.batch} x {args.seq} tokens, {args.steps} measured steps x {args.rounds} rounds per setting')
+    print(
+        f'130M-shape MPT with WeSaR ({first["params_m"]:.1f}M parameters), fp32, CPU ({first["threads"]} threads), '
+        f'batch {args.batch} x {args.seq} tokens, {args.steps} measured steps x {args.rounds} rounds per setting'
+    )
     print(f'weight matrices measured: {first["matrix_mb"]:.0f} MB (one copy)')
     base_wall, base_cpu = statistics.fmean(pooled('none', 'wall')), statistics.fmean(pooled('none', 'cpu'))
     base_rss = max(r['peak_rss_mb'] for r in runs['none'])
-    print(f'{"monitor":>12} | {"wall s/step":>11} {"vs none":>8} | {"CPU s/step":>10} {"vs none":>8} | '
-          f'{"in monitor: wall s":>18} {"CPU s":>6} {"CPU share":>9} | {"peak RSS MB":>11} {"vs none":>8}')
+    print(
+        f'{"monitor":>12} | {"wall s/step":>11} {"vs none":>8} | {"CPU s/step":>10} {"vs none":>8} | '
+        f'{"in monitor: wall s":>18} {"CPU s":>6} {"CPU share":>9} | {"peak RSS MB":>11} {"vs none":>8}'
+    )
     for setting in [s for s in settings if s != '2']:
         wall, cpu = statistics.fmean(pooled(setting, 'wall')), statistics.fmean(pooled(setting, 'cpu'))
-        monitor_wall, monitor_cpu = statistics.fmean(pooled(setting, 'monitor_wall')), statistics.fmean(pooled(setting, 'monitor_cpu'))
+        monitor_wall, monitor_cpu = (
+            statistics.fmean(pooled(setting, 'monitor_wall')),
+            statistics.fmean(pooled(setting, 'monitor_cpu')),
+        )
         rss = max(r['peak_rss_mb'] for r in runs[setting])
         label = 'none' if setting == 'none' else f'interval {setting}'
-        print(f'{label:>12} | {wall:11.2f} {100 * (wall / base_wall - 1):+7.1f}% | {cpu:10.2f} {100 * (cpu / base_cpu - 1):+7.1f}% | '
-              f'{monitor_wall:18.3f} {monitor_cpu:6.3f} {100 * monitor_cpu / base_cpu:8.2f}% | {rss:11.0f} {rss - base_rss:+8.0f}')
+        print(
+            f'{label:>12} | {wall:11.2f} {100 * (wall / base_wall - 1):+7.1f}% | {cpu:10.2f} {100 * (cpu / base_cpu - 1):+7.1f}% | '
+            f'{monitor_wall:18.3f} {monitor_cpu:6.3f} {100 * monitor_cpu / base_cpu:8.2f}% | {rss:11.0f} {rss - base_rss:+8.0f}'
+        )
     for key, unit in (('wall', 'wall'), ('cpu', 'CPU')) if '2' in runs else ():
         logging, quiet = [], []
         for r in runs['2']:
             for i, t in enumerate(r[key]):
                 (logging if (args.warmup + i + 1) % 2 == 0 else quiet).append(t)
         cost, step = statistics.fmean(logging) - statistics.fmean(quiet), statistics.fmean(quiet)
-        print(f'paired, {unit} time (interval 2, logging and quiet batches alternate in one run): '
-              f'{statistics.fmean(logging):.2f} vs {step:.2f} s: a logged step costs {cost:+.3f} s, '
-              f'{100 * cost / step:+.2f}% of a step at interval 1, {10 * cost / step:+.2f}% at interval 10')
+        print(
+            f'paired, {unit} time (interval 2, logging and quiet batches alternate in one run): '
+            f'{statistics.fmean(logging):.2f} vs {step:.2f} s: a logged step costs {cost:+.3f} s, '
+            f'{100 * cost / step:+.2f}% of a step at interval 1, {10 * cost / step:+.2f}% at interval 10'
+        )
+
 
 if __name__ == '__main__':
     main()

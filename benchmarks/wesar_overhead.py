@@ -98,7 +98,7 @@ def time_side_by_side(args) -> dict[str, float]:
     batch = make_batch(args.batch_size, args.seq_len, args.device)
     times = {v: [] for v in variants}
     for i in range(args.warmup + args.steps):
-        order = variants[i % len(variants):] + variants[:i % len(variants)]  # rotate: no variant always first
+        order = variants[i % len(variants) :] + variants[: i % len(variants)]  # rotate: no variant always first
         for v in order:
             if v != 'plain':
                 set_gated_forward(v)
@@ -160,7 +160,9 @@ def main() -> None:
 
     medians, memory = time_side_by_side(args)
     tokens = args.batch_size * args.seq_len
-    print(f'shape {args.shape}, device {args.device}, {tokens} tokens per step, median of {args.steps} interleaved steps')
+    print(
+        f'shape {args.shape}, device {args.device}, {tokens} tokens per step, median of {args.steps} interleaved steps'
+    )
     print(f'{"variant":<16}{"step s":>10}{"time vs plain":>16}{"peak MiB":>12}{"memory vs plain":>18}')
     for v, t in medians.items():
         time_ratio = f'{100 * (t / medians["plain"] - 1):+.2f}%'

@@ -39,8 +39,9 @@ def sh(cmd: list[str], log: Path, env: dict | None = None, timeout: int = 900) -
     """Run ``cmd`` with its output in ``log``; (return code, seconds)."""
     start = time.time()
     with open(log, 'w') as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                              timeout=timeout, cwd=ROOT)
+        proc = subprocess.run(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT
+        )
     return proc.returncode, time.time() - start
 
 
@@ -71,7 +72,10 @@ def train(name: str, method: str, out: Path, data: Path, steps: int, extra: list
     cmd = [str(BIN / 'composer'), '-n', '1', '-m', 'llmfoundry.cli.cli', 'train', str(yaml_path), *overrides]
     code, seconds = sh(cmd, run_dir / 'log.txt', env)
     text = (run_dir / 'log.txt').read_text(errors='replace')
-    losses = {int(b): float(v) for b, v in re.findall(r'\[batch=(\d+)/\d+\]:[\s\S]*?Train loss/train/total: ([\d.eE+-]+)', text)}
+    losses = {
+        int(b): float(v)
+        for b, v in re.findall(r'\[batch=(\d+)/\d+\]:[\s\S]*?Train loss/train/total: ([\d.eE+-]+)', text)
+    }
     return code == 0, seconds, losses, text
 
 
@@ -100,8 +104,10 @@ def main() -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = out / 'data'
-    code, _ = sh([str(BIN / 'wesar-data'), '--output-dir', str(data), '--seq-len', '2048', '--vocab-size', '4096'],
-                 out / 'data.log')
+    code, _ = sh(
+        [str(BIN / 'wesar-data'), '--output-dir', str(data), '--seq-len', '2048', '--vocab-size', '4096'],
+        out / 'data.log',
+    )
     if code:
         sys.exit(f'wesar-data failed: see {out / "data.log"}')
 
@@ -110,8 +116,17 @@ def main() -> None:
 
     def record(case: str, method: str, ok: bool, seconds: float, losses: dict, note: str = '') -> None:
         last = losses.get(max(losses)) if losses else float('nan')
-        rows.append((case, method, 'ok' if ok else 'FAILED', f'{seconds:.0f}', f'{losses.get(1, float("nan")):.3f}',
-                     f'{last:.3f}', note))
+        rows.append(
+            (
+                case,
+                method,
+                'ok' if ok else 'FAILED',
+                f'{seconds:.0f}',
+                f'{losses.get(1, float("nan")):.3f}',
+                f'{last:.3f}',
+                note,
+            )
+        )
 
     for method in METHODS:
         ok, t, losses, _ = train(f'fsdp1-{method}', method, out, data, args.steps, fsdp1)
@@ -124,8 +139,11 @@ def main() -> None:
     # Sharded checkpoint and resume (WeSaR), with the hf_checkpointer export of the first run.
     sharded = [*fsdp1, 'fsdp_config.state_dict_type=sharded']
     first = out / 'sharded-wesar'
-    hf = ['callbacks.hf_checkpointer.save_folder=' + str(first / 'hf'), 'callbacks.hf_checkpointer.save_interval=20ba',
-          'callbacks.hf_checkpointer.precision=bfloat16']
+    hf = [
+        'callbacks.hf_checkpointer.save_folder=' + str(first / 'hf'),
+        'callbacks.hf_checkpointer.save_interval=20ba',
+        'callbacks.hf_checkpointer.precision=bfloat16',
+    ]
     ok, t, whole, _ = train('sharded-wesar', 'wesar', out, data, args.steps, [*sharded, 'save_interval=20ba', *hf])
     record('sharded checkpoint at 20 + hf export', 'wesar', ok, t, whole)
     checkpoint = first / 'ckpt' / 'ep0-ba20'
@@ -143,12 +161,28 @@ def main() -> None:
 
     if not args.skip_bench:
         for shape in ('130m', '1.3b'):
-            cmd = [sys.executable, str(ROOT / 'benchmarks' / 'wesar_overhead.py'), '--device', 'cuda', '--shape', shape,
-                   '--batch-size', '8', '--seq-len', '2048', '--steps', '10', '--warmup', '3', '--variants', 'wesar']
+            cmd = [
+                sys.executable,
+                str(ROOT / 'benchmarks' / 'wesar_overhead.py'),
+                '--device',
+                'cuda',
+                '--shape',
+                shape,
+                '--batch-size',
+                '8',
+                '--seq-len',
+                '2048',
+                '--steps',
+                '10',
+                '--warmup',
+                '3',
+                '--variants',
+                'wesar',
+            ]
             code, _ = sh(cmd, out / f'bench-{shape}.log')
             print(f'\nstep time, {shape}, 8 x 2048 tokens, bf16 autocast:')
             print((out / f'bench-{shape}.log').read_text(errors='replace')[-1200:])
-    json.dump(rows, open(out / 'table.json', 'w'))
+    (out / 'table.json').write_text(json.dumps(rows))
 
 
 if __name__ == '__main__':

@@ -16,7 +16,21 @@ try:
 except PackageNotFoundError:  # a source tree that is not installed
     __version__ = '0+unknown'
 
-__all__ = ['WeSaR', 'apply_wesar', 'gate_table', 'merge_gates', 'UpdateRatioMonitor', 'LossSpikeCounter', 'ZLoss',
-           'PaperInit', 'apply_paper_init',
-           'WeightNorm', 'apply_weight_norm', 'SigmaReparam', 'apply_sigma_reparam', 'ResidualScaling',
-           'apply_residual_scaling', 'merge_reparameterization']
+__all__ = [
+    'WeSaR',
+    'apply_wesar',
+    'gate_table',
+    'merge_gates',
+    'UpdateRatioMonitor',
+    'LossSpikeCounter',
+    'ZLoss',
+    'PaperInit',
+    'apply_paper_init',
+    'WeightNorm',
+    'apply_weight_norm',
+    'SigmaReparam',
+    'apply_sigma_reparam',
+    'ResidualScaling',
+    'apply_residual_scaling',
+    'merge_reparameterization',
+]

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Optional
 
 from torch import nn
 
@@ -170,7 +171,9 @@ def find_matrices(model: nn.Module, role_map: Optional[Mapping[str, str]] = None
     return specs
 
 
-def check_complete(model: nn.Module, specs: list[MatrixSpec], method: str, role_map: Optional[Mapping[str, str]] = None) -> None:
+def check_complete(
+    model: nn.Module, specs: list[MatrixSpec], method: str, role_map: Optional[Mapping[str, str]] = None
+) -> None:
     """Refuse a model whose projections role discovery does not all cover, before anything changes.
 
     - a Hugging Face ``Conv1D`` (GPT-2 and relatives; its weight is stored in x out, transposed
@@ -188,7 +191,8 @@ def check_complete(model: nn.Module, specs: list[MatrixSpec], method: str, role_
     patterns = [re.compile(p) for p in merged_role_map(role_map)]
     matched = {spec.name for spec in specs}
     left = [
-        n for n, m in inner.named_modules()
+        n
+        for n, m in inner.named_modules()
         if isinstance(m, nn.Linear) and n not in matched and not any(p.search(n) for p in patterns)
     ]
     if left:
@@ -255,4 +259,3 @@ def backbone_std(role: str, d_in: int, shape: ModelShape, backbone: str) -> floa
 def embedding_std(shape: ModelShape, backbone: str) -> float:
     """Std of W_e under a backbone: sqrt(1/d) (He) or sqrt(2/(5d)) (Small)."""
     return backbone_std('e', shape.d_model, shape, backbone)
-

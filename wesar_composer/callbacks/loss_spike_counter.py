@@ -84,9 +84,15 @@ class LossSpikeCounter(CheckedHparams, Callback):
             if not _positive_int(value):
                 raise ValueError(f'{name} must be a positive integer, got {value!r}.')
         if not _positive_int(min_history) or min_history > window_size:
-            raise ValueError(f'min_history must be an integer from 1 to window_size={window_size}, got {min_history!r}.')
-        if isinstance(outlier_multiplier, bool) or not isinstance(outlier_multiplier, (int, float)) \
-                or not math.isfinite(outlier_multiplier) or outlier_multiplier <= 1:
+            raise ValueError(
+                f'min_history must be an integer from 1 to window_size={window_size}, got {min_history!r}.'
+            )
+        if (
+            isinstance(outlier_multiplier, bool)
+            or not isinstance(outlier_multiplier, (int, float))
+            or not math.isfinite(outlier_multiplier)
+            or outlier_multiplier <= 1
+        ):
             raise ValueError(f'outlier_multiplier must be a finite number above 1, got {outlier_multiplier!r}.')
         if stop_after is not None and not _positive_int(stop_after):
             raise ValueError(f'stop_after must be None (never stop) or a positive integer, got {stop_after!r}.')
@@ -98,7 +104,9 @@ class LossSpikeCounter(CheckedHparams, Callback):
         self.log_interval = log_interval
         self.stop_after = stop_after
         self.name_matrices = name_matrices
-        self.post_mortems: deque[dict[str, Any]] = deque(maxlen=KEPT_POST_MORTEMS)  # spike, batch, step, baseline_steps, rows
+        self.post_mortems: deque[dict[str, Any]] = deque(
+            maxlen=KEPT_POST_MORTEMS
+        )  # spike, batch, step, baseline_steps, rows
         self.count = 0
         self.outlier_batches = 0
         self.in_spike = False
@@ -112,7 +120,10 @@ class LossSpikeCounter(CheckedHparams, Callback):
             batch = state.timestamp.batch.value
             log.warning(
                 'Loss spike %d at batch %s: loss %.4g is %.3g x the recent mean.%s',
-                self.count, f'{batch:,}', loss, ratio if ratio is not None else float('nan'),
+                self.count,
+                f'{batch:,}',
+                loss,
+                ratio if ratio is not None else float('nan'),
                 self._post_mortem(state, logger, batch) if self.name_matrices else '',
             )
             if self.stop_after is not None and self.count >= self.stop_after:
@@ -134,20 +145,31 @@ class LossSpikeCounter(CheckedHparams, Callback):
             return ' (Add update_ratio_monitor to name the matrices whose update ratio rose.)'
         rise = monitor.ratio_rise(before_batch=batch)
         if rise is None:
-            return (f' Update ratios: fewer than two logged steps before batch {batch:,} '
-                    f'(log_interval {monitor.log_interval}), nothing to compare.')
-        span = f'{rise.baseline_steps[0]:,}-{rise.baseline_steps[-1]:,}' if len(rise.baseline_steps) > 1 \
+            return (
+                f' Update ratios: fewer than two logged steps before batch {batch:,} '
+                f'(log_interval {monitor.log_interval}), nothing to compare.'
+            )
+        span = (
+            f'{rise.baseline_steps[0]:,}-{rise.baseline_steps[-1]:,}'
+            if len(rise.baseline_steps) > 1
             else f'{rise.baseline_steps[0]:,}'
+        )
         rows = [
             [self.count, batch, rank, key, value, ratio, baseline, rise.step, span]
             for rank, (key, value, ratio, baseline) in enumerate(rise.rows, start=1)
         ]
-        self.post_mortems.append({'spike': self.count, 'batch': batch, 'step': rise.step,
-                                  'baseline_steps': list(rise.baseline_steps), 'rows': rise.rows})
+        self.post_mortems.append(
+            {
+                'spike': self.count,
+                'batch': batch,
+                'step': rise.step,
+                'baseline_steps': list(rise.baseline_steps),
+                'rows': rise.rows,
+            }
+        )
         logger.log_table(POST_MORTEM_COLUMNS, rows, name=POST_MORTEM_TABLE.format(count=self.count), step=batch)
         named = ', '.join(f'{key} x{value:.3g}' for key, value, _, _ in rise.top(self.name_matrices))
-        return (f' Update ratios that rose most (step {rise.step:,} over the median of steps {span}): '
-                f'{named}.')
+        return f' Update ratios that rose most (step {rise.step:,} over the median of steps {span}): {named}.'
 
     def update(self, loss: float) -> Optional[float]:
         """Feed one loss; returns loss / reference once detection has started (else None)."""

@@ -6,10 +6,11 @@ import logging
 import math
 import statistics
 from collections import deque
+from collections.abc import Mapping, Sequence
 from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as torch_dist
@@ -309,12 +310,16 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
         grads = []
         for matrix, (flat, start) in zip(self._matrices, weights):
             grad = matrix.module.weight.grad
-            grads.append((flat.new_zeros(0), 0) if grad is None else (_local_tensor(grad).reshape(-1), start))  # no grad: 0
+            grads.append(
+                (flat.new_zeros(0), 0) if grad is None else (_local_tensor(grad).reshape(-1), start)
+            )  # no grad: 0
         weight_sq = _slice_sq_norms(weights, self._matrices)
         grad_sq = _slice_sq_norms(grads, self._matrices)
         self._pre_step = torch.cat([weight_sq, grad_sq, self._gate_values(weight_sq.device)])
         copies: dict[int, torch.Tensor] = {}  # one copy per parameter: a tied head shares W_e's
-        self._snapshot = [copies.setdefault(id(m.module.weight), flat.clone()) for m, (flat, _) in zip(self._matrices, weights)]
+        self._snapshot = [
+            copies.setdefault(id(m.module.weight), flat.clone()) for m, (flat, _) in zip(self._matrices, weights)
+        ]
 
     @torch.no_grad()
     def end_step(self) -> dict[str, float]:
@@ -323,7 +328,9 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
             raise RuntimeError('UpdateRatioMonitor.end_step called without begin_step before the optimizer step.')
         weights = self._local_weights()
         unique = {id(copy): (copy, flat) for copy, (flat, _) in zip(self._snapshot, weights)}
-        torch._foreach_sub_([c for c, _ in unique.values()], [f for _, f in unique.values()])  # copy := W_before - W_after
+        torch._foreach_sub_(
+            [c for c, _ in unique.values()], [f for _, f in unique.values()]
+        )  # copy := W_before - W_after
         diffs = [(copy, start) for copy, (_, start) in zip(self._snapshot, weights)]
         values = torch.cat([self._pre_step, _slice_sq_norms(diffs, self._matrices)])
         self._snapshot = None
@@ -353,7 +360,7 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
                 numel = _global_numel(gate, self._shard_info)
                 flat, start = self._local(gate, numel)
                 full = torch.zeros(numel, device=device, dtype=torch.float64)
-                full[start:start + flat.numel()] = flat.double()
+                full[start : start + flat.numel()] = flat.double()
                 parts.append(full)
         return torch.cat(parts)
 
@@ -361,10 +368,12 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
         keys = [key for m in self._matrices for key in m.keys]
         gate_keys = [key for m in self._matrices for gate_keys, _ in m.gates for key in gate_keys]
         n = len(keys)
-        weight_sq, grad_sq, diff_sq = values[:n], values[n:2 * n], values[-n:]
-        gate_values = values[2 * n:-n]
+        weight_sq, grad_sq, diff_sq = values[:n], values[n : 2 * n], values[-n:]
+        gate_values = values[2 * n : -n]
         assert len(gate_values) == len(gate_keys), (len(gate_values), len(gate_keys))
-        ratios = [math.sqrt(d_sq) / math.sqrt(w_sq) if w_sq > 0 else float('inf') for w_sq, d_sq in zip(weight_sq, diff_sq)]
+        ratios = [
+            math.sqrt(d_sq) / math.sqrt(w_sq) if w_sq > 0 else float('inf') for w_sq, d_sq in zip(weight_sq, diff_sq)
+        ]
         self._latest_ratios = ratios
         families, logged = self.families, self._logged
         metrics: dict[str, float] = {}
@@ -378,8 +387,9 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
             if 'grad_norm' in families:
                 metrics[f'grad_norm/{key}'] = math.sqrt(g_sq)
         if 'gate' in families:
-            metrics.update({f'gate/{key}': value for key, value in zip(gate_keys, gate_values)
-                            if key in logged or '/' not in key})  # e and p (a tied head's own gate) always
+            metrics.update(
+                {f'gate/{key}': value for key, value in zip(gate_keys, gate_values) if key in logged or '/' not in key}
+            )  # e and p (a tied head's own gate) always
         if self.summaries:
             metrics.update(self._summaries(keys, ratios))
         return metrics
@@ -443,7 +453,7 @@ def _resolve_layers(layers: Union[str, tuple[int, ...], dict[str, int]], present
         return set()
     n = len(present)
     if isinstance(layers, dict):
-        return set(present[::layers['every']]) | {present[-1]}
+        return set(present[:: layers['every']]) | {present[-1]}
     chosen = set()
     for layer in layers:
         if not -n <= layer < n:
@@ -467,7 +477,7 @@ def _slice_sq_norms(flats: list[tuple[torch.Tensor, int]], matrices: list[_Matri
         d_in, row, n = matrix.shape[1], 0, flat.numel()
         for rows in matrix.slice_sizes:
             lo, hi = row * d_in - start, (row + rows) * d_in - start
-            piece = flat[min(max(lo, 0), n):min(max(hi, 0), n)]
+            piece = flat[min(max(lo, 0), n) : min(max(hi, 0), n)]
             for chunk in piece.split(_CHUNK) if piece.numel() else (piece,):
                 chunks.append(chunk)
                 owners.append(n_slices)
@@ -485,7 +495,9 @@ def _gates(matrix: _Matrix, shard_info: dict[int, tuple[int, int]]) -> list[tupl
     gate = getattr(module, 'gate', None)
     if isinstance(gate, torch.Tensor):
         if _global_numel(gate, shard_info) != len(matrix.keys):
-            raise ValueError(f'{matrix.name}: a gate of {_global_numel(gate, shard_info)} elements does not match its slices {matrix.keys}.')
+            raise ValueError(
+                f'{matrix.name}: a gate of {_global_numel(gate, shard_info)} elements does not match its slices {matrix.keys}.'
+            )
         gates.append((matrix.keys, gate))
     unembed_gate = getattr(module, 'unembed_gate', None)
     if isinstance(unembed_gate, torch.Tensor):
@@ -540,7 +552,9 @@ def _dtensor_local(param) -> tuple[torch.Tensor, int]:
 
     for placement in param.placements:
         if placement.is_shard() and placement.dim != 0:
-            raise ValueError(f'UpdateRatioMonitor supports parameters sharded on dim 0, got placements {param.placements}.')
+            raise ValueError(
+                f'UpdateRatioMonitor supports parameters sharded on dim 0, got placements {param.placements}.'
+            )
     _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
     row_numel = math.prod(param.shape[1:])
     return param.to_local().detach().reshape(-1), (offset[0] if offset else 0) * row_numel
@@ -567,7 +581,7 @@ def _fsdp1_shards(model: nn.Module) -> tuple[dict[int, tuple[int, int]], list]:
         flat_param = handle.flat_param
         if flat_param._params is None:
             raise ValueError(
-                'UpdateRatioMonitor needs FSDP with use_orig_params=True (Composer\'s default) to find each matrix '
+                "UpdateRatioMonitor needs FSDP with use_orig_params=True (Composer's default) to find each matrix "
                 'in the flat shards; got use_orig_params=False.',
             )
         groups.append(module.process_group)

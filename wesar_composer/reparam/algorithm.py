@@ -13,7 +13,8 @@ functional ``apply_x``:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger

@@ -18,7 +18,8 @@ paper_init and residual_scaling add no keys; their checkpoints look like plain o
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
@@ -71,8 +72,10 @@ def check_keys(run_keys: Iterable[str], checkpoint_keys: Iterable[str], source: 
             f'has {method}: its parameters would keep their initial values. Remove {method} from `algorithms` '
             'to continue that run as it was trained'
             + (
-                ", or continue its weights with WeSaR through `init_mode: preserve` on a Hugging Face export "
-                '(hf_causal_lm with pretrained: true).' if method == 'wesar' else '.'
+                ', or continue its weights with WeSaR through `init_mode: preserve` on a Hugging Face export '
+                '(hf_causal_lm with pretrained: true).'
+                if method == 'wesar'
+                else '.'
             ),
         )
 
@@ -83,7 +86,7 @@ def guard_model_loads(model: nn.Module) -> None:
         return
 
     def pre_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        incoming = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
+        incoming = [k[len(prefix) :] for k in state_dict if k.startswith(prefix)]
         check_keys(_model_keys(module), incoming)
 
     model.register_load_state_dict_pre_hook(pre_hook)
@@ -91,7 +94,7 @@ def guard_model_loads(model: nn.Module) -> None:
 
 
 def _model_part(keys: Iterable[str], prefix: str = 'state.model.') -> list[str]:
-    return [k[len(prefix):] for k in keys if k.startswith(prefix)]
+    return [k[len(prefix) :] for k in keys if k.startswith(prefix)]
 
 
 class CheckedLoadPlanner(DefaultLoadPlanner):
@@ -122,4 +125,3 @@ def check_sharded_checkpoint(path: Optional[str], model: nn.Module) -> bool:
     metadata = FileSystemReader(path).read_metadata()
     check_keys(_model_keys(model), _model_part(metadata.state_dict_metadata), f'the sharded checkpoint {path}')
     return True
-

@@ -14,7 +14,8 @@ Hugging Face head is untied (its weight differs from the folded embedding).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
 from composer.utils import module_surgery
@@ -70,7 +71,9 @@ def merge_reparameterization(model: nn.Module) -> nn.Module:
             if tied and owners:
                 head_factor = module.unembed_factor(tensors)
         else:
-            plain = module.plain_class(module.in_features, module.out_features, bias=module.bias is not None, device='meta')
+            plain = module.plain_class(
+                module.in_features, module.out_features, bias=module.bias is not None, device='meta'
+            )
             if module.bias is not None:
                 plain.bias = nn.Parameter(folded.get('bias', module.bias).detach().clone())
         plain.weight = nn.Parameter(folded['weight'].detach().clone())
@@ -91,7 +94,7 @@ def merge_reparameterization(model: nn.Module) -> nn.Module:
 
 def _fold_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> dict[str, Any]:
     """State-dict hook: the module's entries become the plain module's (active only during an export)."""
-    local = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and '.' not in k[len(prefix):]}
+    local = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix) and '.' not in k[len(prefix) :]}
     if not isinstance(local.get('weight'), torch.Tensor):
         return state_dict  # not on this rank (an FSDP full state dict lives on rank 0)
     with torch.no_grad():

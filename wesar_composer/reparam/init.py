@@ -14,7 +14,8 @@ kind of device.
 from __future__ import annotations
 
 import zlib
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 

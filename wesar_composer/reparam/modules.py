@@ -10,7 +10,8 @@ algorithm only marks (paper_init's matrices) carries ``reparam_method`` as an at
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

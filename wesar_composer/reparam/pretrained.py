@@ -64,7 +64,9 @@ def resolve_init_mode(
     if pretrained is None:
         pretrained = name is not None
     if init_mode == 'auto' and pretrained:
-        preserve = "init_mode: preserve to keep the model's function (continued pre-training), " if 'preserve' in modes else ''
+        preserve = (
+            "init_mode: preserve to keep the model's function (continued pre-training), " if 'preserve' in modes else ''
+        )
         raise ValueError(
             f'{method}: the model holds pretrained weights ({name or "loaded on rank 0"}); re-initializing would '
             f'discard them. Set {preserve}init_mode: reinit to discard them and start from {method} init, or '

@@ -17,7 +17,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Optional
 
 import torch
 from composer.utils import module_surgery
@@ -70,8 +71,11 @@ def adopt(new: nn.Module, old: nn.Module, requires_grad: bool = True) -> nn.Modu
     copy_markers(old, new)
     for name, param in list(new.named_parameters(recurse=False)):
         if name not in ('weight', 'bias'):  # gates, lengths: values are set by reset_parameters
-            setattr(new, name, nn.Parameter(torch.empty(param.shape, device=device, dtype=dtype),
-                                            requires_grad=requires_grad))
+            setattr(
+                new,
+                name,
+                nn.Parameter(torch.empty(param.shape, device=device, dtype=dtype), requires_grad=requires_grad),
+            )
     for name, buffer in list(new.named_buffers(recurse=False)):
         setattr(new, name, buffer.new_empty(buffer.shape, device=device))  # keeps the buffer's own dtype
     return new

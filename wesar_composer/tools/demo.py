@@ -26,18 +26,28 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from composer.core import Callback, State, TimeUnit
 from composer.loggers import Logger
 
 from wesar_composer.callbacks import LossSpikeCounter
 
-__all__ = ['RunResult', 'DemoProgress', 'demo_yaml', 'find_demo_yaml', 'load_config', 'run_demo', 'write_report',
-           'write_demo_yaml', 'main']
+__all__ = [
+    'RunResult',
+    'DemoProgress',
+    'demo_yaml',
+    'find_demo_yaml',
+    'load_config',
+    'run_demo',
+    'write_report',
+    'write_demo_yaml',
+    'main',
+]
 
 METHODS = ('small_init', 'wesar')
 METHOD_LABELS = {'small_init': 'Small init (baseline)', 'wesar': 'WeSaR'}
@@ -87,8 +97,12 @@ def _console_handlers() -> list[logging.StreamHandler]:
     """Logging handlers that write to the console (transformers binds its own to stderr at import)."""
     loggers = [logging.getLogger()] + [logging.getLogger(name) for name in ('transformers', 'composer', 'llmfoundry')]
     consoles = {id(sys.__stderr__), id(sys.__stdout__), id(sys.stderr), id(sys.stdout)}
-    return [h for lg in loggers for h in lg.handlers
-            if isinstance(h, logging.StreamHandler) and id(getattr(h, 'stream', None)) in consoles]
+    return [
+        h
+        for lg in loggers
+        for h in lg.handlers
+        if isinstance(h, logging.StreamHandler) and id(getattr(h, 'stream', None)) in consoles
+    ]
 
 
 @contextlib.contextmanager
@@ -183,8 +197,11 @@ class DemoProgress(Callback):
         metrics = state.eval_metrics.get('eval', {})
         if 'LanguageCrossEntropy' in metrics:
             ce = float(metrics['LanguageCrossEntropy'].compute())
-            _say(f'{self.label}: eval at batch {state.timestamp.batch.value}: '
-                 f'loss {ce:.3f}, perplexity {math.exp(ce):.1f}', self.tag)
+            _say(
+                f'{self.label}: eval at batch {state.timestamp.batch.value}: '
+                f'loss {ce:.3f}, perplexity {math.exp(ce):.1f}',
+                self.tag,
+            )
 
 
 def _spike_count(callbacks: Sequence[Callback]) -> Optional[int]:
@@ -204,6 +221,7 @@ def _register_progress_callback() -> None:
 @dataclass
 class RunResult:
     """What the report needs from one run."""
+
     method: str
     run_name: str
     run_id: Optional[str]
@@ -235,8 +253,10 @@ def load_config(yaml_path=None, overrides: Sequence[str] = ()):
         cfg = om.merge(cfg, om.from_dotlist(list(overrides)))
     if cfg.get('code_paths') and isinstance(source, Path):
         here = source.resolve().parent
-        cfg.code_paths = [p if Path(p).is_absolute() or Path(p).exists() or not (here / p).is_file()
-                          else str(here / p) for p in cfg.code_paths]
+        cfg.code_paths = [
+            p if Path(p).is_absolute() or Path(p).exists() or not (here / p).is_file() else str(here / p)
+            for p in cfg.code_paths
+        ]
     return cfg
 
 
@@ -273,8 +293,9 @@ def _result(trainer, method: str, wall: float) -> RunResult:
     )
 
 
-def train_one(cfg, method: str, log_path: Optional[Path] = None, tag: str = DEFAULT_TAG,
-              label: Optional[str] = None) -> RunResult:
+def train_one(
+    cfg, method: str, log_path: Optional[Path] = None, tag: str = DEFAULT_TAG, label: Optional[str] = None
+) -> RunResult:
     """Train one method through llm-foundry's train path and collect its results.
 
     llm-foundry's console output (the resolved config, warnings) goes to ``log_path`` if given;
@@ -285,11 +306,16 @@ def train_one(cfg, method: str, log_path: Optional[Path] = None, tag: str = DEFA
     from omegaconf import OmegaConf as om
 
     quiet_known_noise()
-    cfg = om.merge(cfg, om.create({
-        'variables': {'method': method},
-        'progress_bar': False,
-        'callbacks': {PROGRESS_CALLBACK: {'label': label or method, 'tag': tag}},
-    }))
+    cfg = om.merge(
+        cfg,
+        om.create(
+            {
+                'variables': {'method': method},
+                'progress_bar': False,
+                'callbacks': {PROGRESS_CALLBACK: {'label': label or method, 'tag': tag}},
+            }
+        ),
+    )
     start = time.perf_counter()
     with _output_to(log_path) if log_path is not None else contextlib.nullcontext():
         trainer = train(cfg)
@@ -336,9 +362,11 @@ def _evaluated(data_summary: dict[str, Any]) -> str:
     if evaluated >= total:
         return f'the whole validation split ({total:,} tokens)'
     batches = data_summary['eval_batches']
-    return (f'the first {"batch" if batches == 1 else f"{batches} batches"} of {data_summary["eval_batch_size"]} '
-            f'validation sequences, {evaluated:,} of the split\'s {total:,} tokens '
-            f'(eval_subset_num_batches: {batches})')
+    return (
+        f'the first {"batch" if batches == 1 else f"{batches} batches"} of {data_summary["eval_batch_size"]} '
+        f"validation sequences, {evaluated:,} of the split's {total:,} tokens "
+        f'(eval_subset_num_batches: {batches})'
+    )
 
 
 def write_report(
@@ -424,10 +452,17 @@ def run_demo(
     )
     from omegaconf import OmegaConf as om
 
-    cfg = om.merge(cfg, om.create({'variables': {
-        'data_root': str(data.root.resolve()),
-        'mlflow_tracking_uri': tracking_uri,
-    }}))
+    cfg = om.merge(
+        cfg,
+        om.create(
+            {
+                'variables': {
+                    'data_root': str(data.root.resolve()),
+                    'mlflow_tracking_uri': tracking_uri,
+                }
+            }
+        ),
+    )
     _register_progress_callback()
 
     results = []
@@ -469,9 +504,13 @@ def run_demo(
     eval_batches, eval_batch_size = resolved.get('eval_subset_num_batches', -1), resolved['device_eval_batch_size']
     val_samples = data.manifest['stats']['val']['mds_samples']
     evaluated = val_samples if eval_batches < 0 else min(val_samples, eval_batches * eval_batch_size)
-    data_summary = {'train_tokens': data.tokens['train'], 'val_tokens': data.tokens['val'],
-                    'eval_tokens': evaluated * data.seq_len, 'eval_batches': eval_batches,
-                    'eval_batch_size': eval_batch_size}
+    data_summary = {
+        'train_tokens': data.tokens['train'],
+        'val_tokens': data.tokens['val'],
+        'eval_tokens': evaluated * data.seq_len,
+        'eval_batches': eval_batches,
+        'eval_batch_size': eval_batch_size,
+    }
     report = write_report(results, out_dir, pictures, cfg_summary, data_summary)
     _say(f'done in {(time.perf_counter() - total_start) / 60:.1f} min: {report}')
     for picture in pictures:
@@ -484,21 +523,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog='wesar-demo',
         description='Train the Small-init baseline and WeSaR on a small MPT on CPU through llm-foundry, '
-                    'then write a report and the update-ratio pictures.',
+        'then write a report and the update-ratio pictures.',
     )
     parser.add_argument('--out', default=DEFAULT_OUT, help=f'output folder (default {DEFAULT_OUT})')
-    parser.add_argument('--yaml', default=None,
-                        help='your own demo YAML (default: the packaged one; see --write-yaml)')
-    parser.add_argument('--write-yaml', metavar='PATH', default=None,
-                        help='write the packaged demo YAML to PATH for editing, then stop')
+    parser.add_argument('--yaml', default=None, help='your own demo YAML (default: the packaged one; see --write-yaml)')
+    parser.add_argument(
+        '--write-yaml', metavar='PATH', default=None, help='write the packaged demo YAML to PATH for editing, then stop'
+    )
     parser.add_argument('--force', action='store_true', help='with --write-yaml: overwrite an existing file')
-    parser.add_argument('--data-dir', default=None,
-                        help='dataset folder (default data/shakespeare-v{vocab}-s{seq_len}, built if missing)')
+    parser.add_argument(
+        '--data-dir',
+        default=None,
+        help='dataset folder (default data/shakespeare-v{vocab}-s{seq_len}, built if missing)',
+    )
     parser.add_argument('--max-chars', type=int, default=None, help='cap on the corpus size, for quick runs')
-    parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS,
-                        help='runs to make, in order (default: small_init wesar)')
-    parser.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
-                        help='overrides of the demo YAML for both runs, e.g. max_duration=100ba model.n_layers=2')
+    parser.add_argument(
+        '--methods',
+        nargs='+',
+        default=list(METHODS),
+        choices=METHODS,
+        help='runs to make, in order (default: small_init wesar)',
+    )
+    parser.add_argument(
+        '--set',
+        nargs='*',
+        default=[],
+        metavar='KEY=VALUE',
+        help='overrides of the demo YAML for both runs, e.g. max_duration=100ba model.n_layers=2',
+    )
     args = parser.parse_args(argv)
     if args.write_yaml:
         try:
@@ -506,8 +558,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except FileExistsError as e:
             print(f'wesar-demo: error: {e}', file=sys.stderr)
             return 2
-        print(f'wrote {written}: run it with `wesar-demo --yaml {written}` or '
-              f'`composer -n 1 -m llmfoundry.cli.cli train {written}` (after `wesar-data`)')
+        print(
+            f'wrote {written}: run it with `wesar-demo --yaml {written}` or '
+            f'`composer -n 1 -m llmfoundry.cli.cli train {written}` (after `wesar-data`)'
+        )
         return 0
     try:
         yaml_path = find_demo_yaml(args.yaml) if args.yaml else None

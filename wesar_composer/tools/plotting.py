@@ -28,8 +28,9 @@ import re
 import statistics
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 LOSS_KEY = 'loss/train/total'
 LAYERED_ROLES = ('q', 'k', 'v', 'o', 'g', 'u', 'd')
@@ -58,8 +59,11 @@ class Run:
         if key not in self.keys:
             family = key.split('/')[0] + '/'
             related = sorted(k for k in self.keys if k.startswith(family))
-            listing = f'Its {family} keys are: {_shorten(related)}' if related else \
-                f'It has no {family} keys (a plain run has no gates); its keys are: {_shorten(self.keys)}'
+            listing = (
+                f'Its {family} keys are: {_shorten(related)}'
+                if related
+                else f'It has no {family} keys (a plain run has no gates); its keys are: {_shorten(self.keys)}'
+            )
             raise KeyError(f'Run {self.name!r} ({self.run_id}) has no metric {key!r}. {listing}.')
         if key not in self._cache:
             points = sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.step)
@@ -75,14 +79,17 @@ class Run:
         if 'spikes' not in self._cache:
             found = []
             artifacts = self.client.list_artifacts(self.run_id, SPIKE_TABLE_DIR)
-            tables = sorted((int(m.group(1)), a.path) for a in artifacts
-                            if (m := _SPIKE_TABLE.match(os.path.basename(a.path))))
+            tables = sorted(
+                (int(m.group(1)), a.path) for a in artifacts if (m := _SPIKE_TABLE.match(os.path.basename(a.path)))
+            )
             if tables:
                 from unittest import mock
 
                 # a few small JSON files: no download progress bar (it prints as a garbled line in logs)
-                with tempfile.TemporaryDirectory() as tmp, \
-                        mock.patch.dict(os.environ, {'MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR': 'false'}):
+                with (
+                    tempfile.TemporaryDirectory() as tmp,
+                    mock.patch.dict(os.environ, {'MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR': 'false'}),
+                ):
                     for _, path in tables:
                         with open(self.client.download_artifacts(self.run_id, path, tmp)) as f:
                             found.append(_spike_record(json.load(f)))
@@ -96,7 +103,9 @@ def _spike_record(table: dict) -> dict:
     rows.sort(key=lambda r: r['rank'])
     first = rows[0]
     return {
-        'spike': int(first['spike']), 'batch': int(first['batch']), 'step': int(first['step']),
+        'spike': int(first['spike']),
+        'batch': int(first['batch']),
+        'step': int(first['step']),
         'baseline_steps': first['baseline_steps'],
         'rows': [(r['matrix'], float(r['rise']), float(r['update_ratio']), float(r['baseline'])) for r in rows],
     }
@@ -120,7 +129,9 @@ def load_runs(tracking_uri: str, runs: Sequence[str] = (), experiment: Optional[
     if experiment is not None:
         chosen = [e for e in experiments if e.name == experiment]
         if not chosen:
-            raise ValueError(f'No experiment {experiment!r} in {tracking_uri}; experiments are: {[e.name for e in experiments]}.')
+            raise ValueError(
+                f'No experiment {experiment!r} in {tracking_uri}; experiments are: {[e.name for e in experiments]}.'
+            )
         experiments = chosen
     found = client.search_runs([e.experiment_id for e in experiments], max_results=10000) if experiments else []
     if not runs:
@@ -185,15 +196,22 @@ def plot_update_ratios(runs: list[Run], path: str, layer: Optional[int] = None) 
     plt, fig, (top, bottom) = _figure(2, 6.5)
     for run, color in zip(runs, _colors(len(runs))):
         steps, losses = run.history(LOSS_KEY)
-        top.plot([s + 1 for s in steps], losses, color=color, label=run.name)  # Composer logs a batch's loss at its 0-based index
+        top.plot(
+            [s + 1 for s in steps], losses, color=color, label=run.name
+        )  # Composer logs a batch's loss at its 0-based index
         for role, style in ROLE_STYLES.items():
             steps, values = run.history(f'update_ratio/L{layer}/{role}')
             values = [v if v > 0 else math.nan for v in values]  # no update (lr 0) has no place on a log axis
             bottom.plot(steps, values, style, color=color, label=f'{run.name}: ||dW_{role}|| / ||W_{role}||')
         for i, spike in enumerate(run.spikes()):
             for ax in (top, bottom):
-                ax.axvline(spike['batch'], color=color, linestyle=':', linewidth=1,
-                           label=f'{run.name}: loss spikes' if i == 0 and ax is top else None)
+                ax.axvline(
+                    spike['batch'],
+                    color=color,
+                    linestyle=':',
+                    linewidth=1,
+                    label=f'{run.name}: loss spikes' if i == 0 and ax is top else None,
+                )
     top.set_ylabel('training loss')
     top.legend(fontsize='small', **LEGEND)
     bottom.set_yscale('log')
@@ -229,7 +247,9 @@ def heatmap_table(run: Run, stat: str = 'mean') -> tuple[list[int], list[str], l
     layers = run.layers()
     roles = [r for r in LAYERED_ROLES if any(k == f'update_ratio/L{layers[0]}/{r}' for k in run.keys)] if layers else []
     if not roles:
-        raise KeyError(f'Run {run.name!r} has no update_ratio/L{{layer}}/{{role}} keys; its keys: {_shorten(run.keys)}.')
+        raise KeyError(
+            f'Run {run.name!r} has no update_ratio/L{{layer}}/{{role}} keys; its keys: {_shorten(run.keys)}.'
+        )
     table = [[_REDUCE[stat](run.history(f'update_ratio/L{layer}/{role}')[1]) for role in roles] for layer in layers]
     return layers, roles, table
 
@@ -247,7 +267,11 @@ def plot_heatmap(runs: list[Run], path: str, stat: str = 'mean') -> str:
     norm = LogNorm(vmin=min(values), vmax=max(values)) if values else None
     n_layers = max(len(layers) for layers, _, _ in tables)
     fig, axes = plt.subplots(
-        1, len(runs), figsize=(1.0 + 3.2 * len(runs), 1.6 + 0.32 * n_layers), squeeze=False, constrained_layout=True,
+        1,
+        len(runs),
+        figsize=(1.0 + 3.2 * len(runs), 1.6 + 0.32 * n_layers),
+        squeeze=False,
+        constrained_layout=True,
     )
     image = None
     for ax, run, (layers, roles, table) in zip(axes[0], runs, tables):
@@ -255,13 +279,19 @@ def plot_heatmap(runs: list[Run], path: str, stat: str = 'mean') -> str:
         ax.set_xticks(range(len(roles)), roles)
         ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
         ax.set_xlabel('role')
-        extra = [f'{role} {_mean(run, f"update_ratio/{role}", stat):.2g}' for role in ('e', 'p') if f'update_ratio/{role}' in run.keys]
+        extra = [
+            f'{role} {_mean(run, f"update_ratio/{role}", stat):.2g}'
+            for role in ('e', 'p')
+            if f'update_ratio/{role}' in run.keys
+        ]
         ax.set_title(f'{run.name}' + (f' ({", ".join(extra)})' if extra else ''), fontsize='medium')
         if len(layers) <= 16:
             for i, row in enumerate(table):
                 for j, value in enumerate(row):
                     bright = norm is not None and value > 0 and norm(value) > 0.6
-                    ax.text(j, i, f'{value:.2g}', ha='center', va='center', fontsize=7, color='black' if bright else 'white')
+                    ax.text(
+                        j, i, f'{value:.2g}', ha='center', va='center', fontsize=7, color='black' if bright else 'white'
+                    )
     axes[0][0].set_ylabel('layer')
     if image is not None:
         fig.colorbar(image, ax=list(axes[0]), label=f'{stat} update ratio ||dW|| / ||W||')
@@ -300,7 +330,9 @@ def plot_spikes(runs: list[Run], path: str, top: int = SPIKE_MATRICES) -> Option
             ax.text(rise, y, f' x{rise:.3g} ({row[3]:.2g} -> {row[2]:.2g})', va='center', fontsize=7)
         ax.set_title(
             f'{run.name}: loss spike {spike["spike"]} at batch {spike["batch"]:,}; update ratio at step '
-            f'{spike["step"]:,} over its median at steps {spike["baseline_steps"]}', fontsize='small')
+            f'{spike["step"]:,} over its median at steps {spike["baseline_steps"]}',
+            fontsize='small',
+        )
         ax.margins(x=0.35)
     axes[-1, 0].set_xlabel('rise of the update ratio ||dW|| / ||W|| before the spike (log scale)')
     fig.tight_layout()
@@ -331,8 +363,10 @@ def plot_runs(
     written = [plot_update_ratios(runs, os.path.join(out_dir, f'update_ratio_L{layer}.png'), layer)]
     missing = [run.name for run in runs if f'param_norm/L{layer}/d' not in run.keys]
     if missing:
-        notes.append(f'param_norm_L{layer}.png left out: runs {missing} log no param_norm/L{layer}/ keys '
-                     "(update_ratio_monitor's families)")
+        notes.append(
+            f'param_norm_L{layer}.png left out: runs {missing} log no param_norm/L{layer}/ keys '
+            "(update_ratio_monitor's families)"
+        )
     else:
         written.append(plot_param_norms(runs, os.path.join(out_dir, f'param_norm_L{layer}.png'), layer))
     written.append(plot_heatmap(runs, os.path.join(out_dir, 'update_ratio_heatmap.png'), stat))
@@ -345,14 +379,20 @@ def plot_runs(
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='wesar-plot', description=__doc__.split('\n\n')[0])
     parser.add_argument(
-        '--tracking-uri', default=os.environ.get('MLFLOW_TRACKING_URI', './mlruns'),
+        '--tracking-uri',
+        default=os.environ.get('MLFLOW_TRACKING_URI', './mlruns'),
         help='MLflow store: a local folder (default ./mlruns, or $MLFLOW_TRACKING_URI) or a server URI',
     )
-    parser.add_argument('--runs', nargs='*', default=(),
-                        help='run names or ids to overlay (default: the newest run of each name)')
+    parser.add_argument(
+        '--runs', nargs='*', default=(), help='run names or ids to overlay (default: the newest run of each name)'
+    )
     parser.add_argument('--experiment', default=None, help='only runs of this experiment')
-    parser.add_argument('--layer', type=int, default=None, help='layer of the line plots (default: the last; -1 counts back)')
-    parser.add_argument('--stat', default='mean', choices=('mean', 'median', 'max'), help='heatmap statistic over steps')
+    parser.add_argument(
+        '--layer', type=int, default=None, help='layer of the line plots (default: the last; -1 counts back)'
+    )
+    parser.add_argument(
+        '--stat', default='mean', choices=('mean', 'median', 'max'), help='heatmap statistic over steps'
+    )
     parser.add_argument('--out', default='plots', help='folder for the PNGs (default: ./plots)')
     args = parser.parse_args(argv)
     try:

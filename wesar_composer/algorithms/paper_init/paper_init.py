@@ -14,7 +14,8 @@ These are the stds WeSaR's virtual parameters a_r * W start from (same role disc
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Optional, Union
 
 import torch
 from torch import nn

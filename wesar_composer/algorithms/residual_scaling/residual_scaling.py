@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +51,16 @@ class ResidualScaledLinear(Reparameterized, nn.Linear):
 
     reparam_method = METHOD
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 residual_scale: float = 1.0):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        residual_scale: float = 1.0,
+    ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.residual_scale = float(residual_scale)
 
@@ -72,7 +81,6 @@ class ResidualScaledLinear(Reparameterized, nn.Linear):
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, residual_scale={self.residual_scale:.4g}'
-
 
 
 def check_hparams(backbone, embedding_scaling, role_map, init_mode) -> None:
@@ -111,16 +119,24 @@ def apply_residual_scaling(
             'Pass role_map={regex: role} naming its attention out-projection (o) and FFN down-projection (d).',
         )
     apply_paper_init(
-        model, backbone=backbone, embedding_scaling=embedding_scaling, role_map=role_map, init_mode=init_mode, seed=seed,
+        model,
+        backbone=backbone,
+        embedding_scaling=embedding_scaling,
+        role_map=role_map,
+        init_mode=init_mode,
+        seed=seed,
     )
     factor = math.sqrt(2.0 * shape.n_layers)
     replacements = {}
     for spec in residual:
         old = spec.module
-        new = ResidualScaledLinear(old.in_features, old.out_features, bias=old.bias is not None, device='meta',
-                                   residual_scale=1.0 / factor)
+        new = ResidualScaledLinear(
+            old.in_features, old.out_features, bias=old.bias is not None, device='meta', residual_scale=1.0 / factor
+        )
         slice_sizes, stds, seed_of_matrix = getattr(old, INIT_ATTR)
-        setattr(new, INIT_ATTR, (slice_sizes, tuple(std * factor for std in stds), seed_of_matrix))  # paper_init draws it at materialization
+        setattr(
+            new, INIT_ATTR, (slice_sizes, tuple(std * factor for std in stds), seed_of_matrix)
+        )  # paper_init draws it at materialization
         new.roles = spec.roles
         replacements[old] = adopt(new, old)
     swap_modules(model, replacements)
@@ -131,8 +147,12 @@ def apply_residual_scaling(
         for module in replacements.values():
             if not is_meta(module):
                 module.weight.mul_(factor)  # N(0, s^2 / 2N) -> N(0, s^2), the same draws
-    log.info('residual_scaling: %d residual writers scaled by 1/sqrt(2N) = %.4g in the forward (%s backbone).',
-             len(replacements), 1.0 / factor, backbone)
+    log.info(
+        'residual_scaling: %d residual writers scaled by 1/sqrt(2N) = %.4g in the forward (%s backbone).',
+        len(replacements),
+        1.0 / factor,
+        backbone,
+    )
     return model
 
 

@@ -7,5 +7,10 @@ from wesar_composer.algorithms.sigma_reparam.modules import (
 )
 from wesar_composer.algorithms.sigma_reparam.sigma_reparam import SigmaReparam, apply_sigma_reparam
 
-__all__ = ['SigmaReparam', 'apply_sigma_reparam', 'request_power_iteration', 'SigmaReparamLinear',
-           'SigmaReparamEmbedding']
+__all__ = [
+    'SigmaReparam',
+    'apply_sigma_reparam',
+    'request_power_iteration',
+    'SigmaReparamLinear',
+    'SigmaReparamEmbedding',
+]

@@ -22,7 +22,7 @@ the role of WeSaR's gate), so W_bar is recomputed in backward instead of being h
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,9 @@ class _SpectralNorm:
         """One power iteration per slice: v <- W^T u / ||W^T u||, u <- W v / ||W v||, sigma = ||W v||."""
         with torch.autocast(device_type=self.weight.device.type, enabled=False):
             weight = self.weight.detach().float()
-            for i, (w, u) in enumerate(zip(weight.split(list(self.slice_sizes)), self.sn_u.split(list(self.slice_sizes)))):
+            for i, (w, u) in enumerate(
+                zip(weight.split(list(self.slice_sizes)), self.sn_u.split(list(self.slice_sizes)))
+            ):
                 v = F.normalize(w.t() @ u.float(), dim=0)  # buffers may be cast (FSDP mixed precision)
                 wv = w @ v
                 sigma = torch.linalg.vector_norm(wv)
@@ -97,9 +99,18 @@ class SigmaReparamLinear(Reparameterized, _SpectralNorm, nn.Linear):
     reparam_method = 'sigma_reparam'
     FOLDED_KEYS = ('gate', *SPECTRAL_BUFFERS)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 slice_sizes: Sequence[int] | None = None, weight_std: float | None = None,
-                 init_seed: int | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        slice_sizes: Sequence[int] | None = None,
+        weight_std: float | None = None,
+        init_seed: int | None = None,
+    ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.init_seed = init_seed
         self.slice_sizes = tuple(slice_sizes or (out_features,))
@@ -145,9 +156,19 @@ class SigmaReparamEmbedding(Reparameterized, _SpectralNorm, SharedEmbedding):
     reparam_method = 'sigma_reparam'
     FOLDED_KEYS = ('gate', 'unembed_gate', *SPECTRAL_BUFFERS)
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, device=None,
-                 dtype=None, *, tied_head: bool = False, output_scale: float = 1.0, weight_std: float | None = None,
-                 init_seed: int | None = None):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        device=None,
+        dtype=None,
+        *,
+        tied_head: bool = False,
+        output_scale: float = 1.0,
+        weight_std: float | None = None,
+        init_seed: int | None = None,
+    ):
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype)
         self.init_seed = init_seed
         self.slice_sizes = (num_embeddings,)
@@ -198,4 +219,3 @@ def request_power_iteration(model: nn.Module) -> int:
             module.power_iteration_pending = True
             count += 1
     return count
-

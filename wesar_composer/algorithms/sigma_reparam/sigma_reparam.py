@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Optional, Union
 
 from composer.core import Event, State
 from composer.loggers import Logger

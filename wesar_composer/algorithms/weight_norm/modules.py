@@ -22,7 +22,7 @@ layer's custom autograd function saves x, v and g and recomputes W_bar in backwa
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -100,8 +100,17 @@ class WeightNormLinear(Reparameterized, nn.Linear):
     reparam_method = 'weight_norm'
     FOLDED_KEYS = ('weight_g',)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 weight_std: float | None = None, init_seed: int | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        weight_std: float | None = None,
+        init_seed: int | None = None,
+    ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weight_std = weight_std
         self.init_seed = init_seed
@@ -135,9 +144,18 @@ class WeightNormEmbedding(Reparameterized, SharedEmbedding):
     reparam_method = 'weight_norm'
     FOLDED_KEYS = ('weight_g',)
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, device=None,
-                 dtype=None, *, weight_std: float | None = None, output_scale: float = 1.0,
-                 init_seed: int | None = None):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        device=None,
+        dtype=None,
+        *,
+        weight_std: float | None = None,
+        output_scale: float = 1.0,
+        init_seed: int | None = None,
+    ):
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype)
         self.weight_std = weight_std
         self.init_seed = init_seed
@@ -167,4 +185,3 @@ class WeightNormEmbedding(Reparameterized, SharedEmbedding):
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, output_scale={self.output_scale:.4g}'
-

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Optional, Union
 
 from torch import nn
 from torch.optim import Optimizer
@@ -99,7 +100,9 @@ def _normalized_module(spec: MatrixSpec, sigma: float, embedding_scaling: bool, 
             output_scale=1.0 / sigma if embedding_scaling else 1.0,
         )
     else:
-        new = WeightNormLinear(old.in_features, old.out_features, bias=old.bias is not None, device='meta', weight_std=std)
+        new = WeightNormLinear(
+            old.in_features, old.out_features, bias=old.bias is not None, device='meta', weight_std=std
+        )
     new.roles = spec.roles
     return adopt(new, old)
 

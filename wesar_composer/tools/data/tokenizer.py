@@ -10,8 +10,8 @@ exported causal LM (a ``token_type_ids`` entry would be refused by ``generate``)
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 __all__ = ['EOS_TOKEN', 'MIN_VOCAB_SIZE', 'MODEL_INPUT_NAMES', 'train_tokenizer']
 

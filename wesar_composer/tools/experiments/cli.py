@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from wesar_composer.tools.experiments.figures import plot_figures
 from wesar_composer.tools.experiments.grid import FULL, QUICK, QUICK_SHAPES, SHAPES, _say
@@ -32,22 +33,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--jobs', type=int, default=1, help='runs at a time, one torch thread each when > 1')
     parser.add_argument('--steps', type=int, default=None, help='rapid steps (stable: a quarter)')
     parser.add_argument('--seeds', type=int, nargs='+', default=None)
-    parser.add_argument('--data-dir', default=None,
-                        help='dataset folder (default data/shakespeare-v{vocab}-s{seq_len}[-c{max_chars}] in the '
-                             'current folder, built if missing)')
-    parser.add_argument('--yaml', default=None,
-                        help='the base train YAML of every run (default: the packaged demo YAML; '
-                             '`wesar-demo --write-yaml demo.yaml` writes it out for editing)')
+    parser.add_argument(
+        '--data-dir',
+        default=None,
+        help='dataset folder (default data/shakespeare-v{vocab}-s{seq_len}[-c{max_chars}] in the '
+        'current folder, built if missing)',
+    )
+    parser.add_argument(
+        '--yaml',
+        default=None,
+        help='the base train YAML of every run (default: the packaged demo YAML; '
+        '`wesar-demo --write-yaml demo.yaml` writes it out for editing)',
+    )
     parser.add_argument('--deadline-min', type=float, default=None, help='start no run after this many minutes')
     parser.add_argument('--page', default=None, help='results page whose generated blocks to refresh')
-    parser.add_argument('--render', metavar='OUT', default=None,
-                        help='only redraw the figures and refresh --page from OUT/results.csv')
+    parser.add_argument(
+        '--render', metavar='OUT', default=None, help='only redraw the figures and refresh --page from OUT/results.csv'
+    )
     parser.add_argument('--no-figures', action='store_true')
     args = parser.parse_args(argv)
     if args.page and not Path(args.page).is_file():  # checked before any run or figure
-        print(f'wesar-experiments: error: --page {args.page!r} does not exist; it must be a results page with '
-              '<!-- BEGIN GENERATED name --> ... <!-- END GENERATED name --> blocks (e.g. docs/reproduction.md).',
-              file=sys.stderr)
+        print(
+            f'wesar-experiments: error: --page {args.page!r} does not exist; it must be a results page with '
+            '<!-- BEGIN GENERATED name --> ... <!-- END GENERATED name --> blocks (e.g. docs/reproduction.md).',
+            file=sys.stderr,
+        )
         return 2
 
     if args.yaml and not Path(args.yaml).is_file():
@@ -69,11 +79,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             changes['seeds'] = tuple(args.seeds)
         if changes:
             from dataclasses import replace
+
             scale = replace(scale, **changes)
         out_dir = Path(args.out)
         start = time.perf_counter()
-        rows = run_grid(out_dir, scale, shapes, args.groups, args.jobs, args.data_dir,
-                        args.deadline_min * 60 if args.deadline_min else None, demo_yaml=args.yaml)
+        rows = run_grid(
+            out_dir,
+            scale,
+            shapes,
+            args.groups,
+            args.jobs,
+            args.data_dir,
+            args.deadline_min * 60 if args.deadline_min else None,
+            demo_yaml=args.yaml,
+        )
         _say(f'grid done in {(time.perf_counter() - start) / 60:.1f} min, {len(rows)} runs in {out_dir / RESULTS_CSV}')
     if not args.no_figures:
         for path in plot_figures(out_dir, rows):

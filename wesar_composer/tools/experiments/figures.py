@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from wesar_composer.tools.experiments.grid import LR_METHODS, MAIN_METHODS, METHODS, _say
 from wesar_composer.tools.experiments.tables import NORMS_JSON, _select, _stats
@@ -22,7 +22,6 @@ def _curves(out_dir: Path, names: Sequence[str]) -> list[list[float]]:
     return curves
 
 
-
 def _write_norms(runs, monitored: list[dict], path: Path) -> str:
     """||W_d||, ||W_u|| of the last layer at the first and last logged step, per monitored run."""
     records = []
@@ -37,10 +36,10 @@ def _write_norms(runs, monitored: list[dict], path: Path) -> str:
     return str(path)
 
 
-
 def plot_figures(out_dir: Path, rows: list[dict]) -> list[str]:
     """Loss curves per shape, the lr sweep, and ``wesar-plot``'s update-ratio pictures per shape."""
     import matplotlib
+
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     import numpy as np
@@ -59,14 +58,20 @@ def plot_figures(out_dir: Path, rows: list[dict]) -> list[str]:
                 continue
             n = min(len(c) for c in curves)
             arr = np.array([c[:n] for c in curves])
-            tokens = np.arange(1, n + 1) * sel[0]['batch'] * (sel[0]['tokens'] // max(sel[0]['batch'] * sel[0]['steps'], 1))
+            tokens = (
+                np.arange(1, n + 1) * sel[0]['batch'] * (sel[0]['tokens'] // max(sel[0]['batch'] * sel[0]['steps'], 1))
+            )
             mean = np.nanmean(arr, axis=0)
             ax.plot(tokens, mean, label=f'{METHODS[method][0]} ({len(curves)} seeds)', color=f'C{i}', lw=1.2)
             if len(curves) > 1:
                 ax.fill_between(tokens, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), color=f'C{i}', alpha=0.15)
         first = _select(rows, group='main', shape=shape)[0]
         d, n_layers = first['d_model'], first['n_layers']
-        ax.set(xlabel='training tokens', ylabel='training loss', title=f'{shape}: d {d}, {n_layers} layers (mean; band: min-max over seeds)')
+        ax.set(
+            xlabel='training tokens',
+            ylabel='training loss',
+            title=f'{shape}: d {d}, {n_layers} layers (mean; band: min-max over seeds)',
+        )
         ax.legend(fontsize=7, loc='lower left')
         path = fig_dir / f'loss_{shape}.png'
         fig.tight_layout()
@@ -104,9 +109,14 @@ def plot_figures(out_dir: Path, rows: list[dict]) -> list[str]:
                     at = [r for r in runs if r['lr'] == lr]
                     spikes, div = sum(r['spikes'] for r in at), sum(r['diverged'] for r in at)
                     if spikes or div:
-                        ax.annotate(f'{spikes} spike(s)' + (f', {div} diverged' if div else '') + f' in {len(at)} runs',
-                                    (lr, mean if math.isfinite(mean) else ax.get_ylim()[1]), fontsize=7, color=f'C{i}',
-                                    xytext=(-110, -4), textcoords='offset points')
+                        ax.annotate(
+                            f'{spikes} spike(s)' + (f', {div} diverged' if div else '') + f' in {len(at)} runs',
+                            (lr, mean if math.isfinite(mean) else ax.get_ylim()[1]),
+                            fontsize=7,
+                            color=f'C{i}',
+                            xytext=(-110, -4),
+                            textcoords='offset points',
+                        )
             ax.set(xscale='log', xlabel='peak learning rate', ylabel='validation loss', title=f'lr sweep, {shape}')
             ax.legend(fontsize=8)
         fig.tight_layout()
@@ -115,4 +125,3 @@ def plot_figures(out_dir: Path, rows: list[dict]) -> list[str]:
         plt.close(fig)
         written.append(str(path))
     return written
-

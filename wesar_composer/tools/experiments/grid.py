@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 __all__ = [
-    'METHODS', 'MAIN_METHODS', 'REPARAM_METHODS', 'LR_METHODS', 'FIGURE_METHODS', 'SHAPES', 'QUICK_SHAPES',
-    'SETTINGS', 'Scale', 'FULL', 'QUICK', 'RunSpec', 'plan', 'run_settings', 'method_part', 'build_config',
+    'METHODS',
+    'MAIN_METHODS',
+    'REPARAM_METHODS',
+    'LR_METHODS',
+    'FIGURE_METHODS',
+    'SHAPES',
+    'QUICK_SHAPES',
+    'SETTINGS',
+    'Scale',
+    'FULL',
+    'QUICK',
+    'RunSpec',
+    'plan',
+    'run_settings',
+    'method_part',
+    'build_config',
 ]
 
 METHOD_PARTS = 'yamls/method'  # package data of wesar_composer.tools: the paper recipes' method parts
@@ -43,6 +58,7 @@ SHAPES: dict[str, dict[str, int]] = {
 @dataclass(frozen=True)
 class Scale:
     """The CPU scale of a grid: data, batch, steps. The settings below are relative to it."""
+
     vocab_size: int
     seq_len: int
     batch: int  # rapid batch, sequences; stable uses 4x, as 1M vs 4M tokens in the paper
@@ -60,15 +76,41 @@ class Scale:
     lr_seeds: tuple[int, ...] = (0,)  # the first one runs before Table 6, the others last
 
 
-FULL = Scale(vocab_size=1024, seq_len=64, batch=16, steps=240, eval_batches=8, monitor_interval=4,
-             seeds=(0, 1, 2), lrs=(3e-4, 3e-3, 1e-2, 3e-2), shapes=('base', 'deep'), lr_shapes=('deep', 'base'),
-             reparam_shapes=('base',), reparam_seeds=(0, 1, 2), lr_seeds=(0, 1, 2))
-QUICK = Scale(vocab_size=512, seq_len=64, batch=4, steps=8, eval_batches=1, monitor_interval=2,
-              seeds=(0,), lrs=(1e-2,), shapes=('base', 'deep'), lr_shapes=('base',),
-              reparam_shapes=('base',), reparam_seeds=(0,), max_chars=300_000,
-              every_method_every_shape=False)
-QUICK_SHAPES = {'base': {'d_model': 32, 'n_layers': 2, 'n_heads': 2},
-                'deep': {'d_model': 16, 'n_layers': 6, 'n_heads': 2}}
+FULL = Scale(
+    vocab_size=1024,
+    seq_len=64,
+    batch=16,
+    steps=240,
+    eval_batches=8,
+    monitor_interval=4,
+    seeds=(0, 1, 2),
+    lrs=(3e-4, 3e-3, 1e-2, 3e-2),
+    shapes=('base', 'deep'),
+    lr_shapes=('deep', 'base'),
+    reparam_shapes=('base',),
+    reparam_seeds=(0, 1, 2),
+    lr_seeds=(0, 1, 2),
+)
+QUICK = Scale(
+    vocab_size=512,
+    seq_len=64,
+    batch=4,
+    steps=8,
+    eval_batches=1,
+    monitor_interval=2,
+    seeds=(0,),
+    lrs=(1e-2,),
+    shapes=('base', 'deep'),
+    lr_shapes=('base',),
+    reparam_shapes=('base',),
+    reparam_seeds=(0,),
+    max_chars=300_000,
+    every_method_every_shape=False,
+)
+QUICK_SHAPES = {
+    'base': {'d_model': 32, 'n_layers': 2, 'n_heads': 2},
+    'deep': {'d_model': 16, 'n_layers': 6, 'n_heads': 2},
+}
 
 # The paper's settings (Table 3): rapid 1M-token batches, lr 1e-3, warmup 100 of ~28.6k steps;
 # stable 4M-token batches, lr 5e-4, warmup 2000 of ~7.2k steps; both 30B tokens.
@@ -119,6 +161,7 @@ def plan(scale: Scale, groups: Sequence[str] = ('main', 'reparam', 'lr')) -> lis
 
     if 'main' in groups:
         main_runs(scale.seeds[:2])
+
     def lr_runs(seeds):
         for seed in seeds:
             for shape in scale.lr_shapes:
@@ -146,8 +189,14 @@ def run_settings(spec: RunSpec, scale: Scale) -> dict[str, Any]:
     factor = setting['batch_factor']
     steps = max(scale.steps // factor, 1)
     warmup = max(MIN_WARMUP, round(setting['warmup_fraction'] * steps))
-    return {'setting': METHODS[spec.method][2], 'batch': scale.batch * factor, 'steps': steps,
-            'warmup': min(warmup, steps), 'lr': spec.lr, 'tokens': scale.batch * factor * steps * scale.seq_len}
+    return {
+        'setting': METHODS[spec.method][2],
+        'batch': scale.batch * factor,
+        'steps': steps,
+        'warmup': min(warmup, steps),
+        'lr': spec.lr,
+        'tokens': scale.batch * factor * steps * scale.seq_len,
+    }
 
 
 def _method_algorithms(method: str) -> dict[str, Any]:
@@ -158,8 +207,15 @@ def _method_algorithms(method: str) -> dict[str, Any]:
     return {'gradient_clipping': '${variables.clipping}', 'z_loss': '${variables.z_loss}', **part}
 
 
-def build_config(spec: RunSpec, scale: Scale, shapes: dict[str, dict[str, int]], data_root: str,
-                 tracking_uri: str, out_dir: Path, demo_yaml=None):
+def build_config(
+    spec: RunSpec,
+    scale: Scale,
+    shapes: dict[str, dict[str, int]],
+    data_root: str,
+    tracking_uri: str,
+    out_dir: Path,
+    demo_yaml=None,
+):
     """The demo YAML (``demo_yaml``, default the packaged one) with this run's method, shape, seed,
     setting, callbacks and logger."""
     from omegaconf import OmegaConf as om
@@ -170,18 +226,28 @@ def build_config(spec: RunSpec, scale: Scale, shapes: dict[str, dict[str, int]],
     shape = shapes[spec.shape]
     cfg = demo.load_config(demo_yaml, [])
     container = om.to_container(cfg, resolve=False)
-    container['variables'].update({
-        'data_root': data_root, 'vocab_size': scale.vocab_size, 'max_seq_len': scale.seq_len,
-        'global_seed': spec.seed, 'run_name': spec.name, 'mlflow_experiment': 'wesar-reproduction',
-        'mlflow_tracking_uri': tracking_uri,
-    })
+    container['variables'].update(
+        {
+            'data_root': data_root,
+            'vocab_size': scale.vocab_size,
+            'max_seq_len': scale.seq_len,
+            'global_seed': spec.seed,
+            'run_name': spec.name,
+            'mlflow_experiment': 'wesar-reproduction',
+            'mlflow_tracking_uri': tracking_uri,
+        }
+    )
     container['variables']['algorithms_of'] = {spec.method: _method_algorithms(spec.method)}
     container['model'].update(shape)
-    container.update({
-        'global_train_batch_size': s['batch'], 'device_train_microbatch_size': s['batch'],
-        'max_duration': f'{s["steps"]}ba', 'eval_interval': f'{s["steps"]}ba',
-        'eval_subset_num_batches': scale.eval_batches,
-    })
+    container.update(
+        {
+            'global_train_batch_size': s['batch'],
+            'device_train_microbatch_size': s['batch'],
+            'max_duration': f'{s["steps"]}ba',
+            'eval_interval': f'{s["steps"]}ba',
+            'eval_subset_num_batches': scale.eval_batches,
+        }
+    )
     container['optimizer']['lr'] = s['lr']
     # torch-AdamW weight decay 0.01 at the run's lr, written for Composer's decoupled_adamw
     container['optimizer']['weight_decay'] = 0.01 * s['lr']
@@ -196,7 +262,6 @@ def build_config(spec: RunSpec, scale: Scale, shapes: dict[str, dict[str, int]],
         callbacks.pop('update_ratio_monitor', None)
         container['loggers'] = {}
     return om.create(container)
-
 
 
 def method_part(name: str):

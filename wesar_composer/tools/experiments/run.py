@@ -6,10 +6,11 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from composer.core import Callback, State
 from composer.loggers import Logger
@@ -50,10 +51,14 @@ class LossRecorder(Callback):
 
     def fit_end(self, state: State, logger: Logger) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        Path(self.path).write_text(json.dumps({
-            'loss': [None if not math.isfinite(x) else x for x in self.losses],
-            'batch_s': self.batch_seconds,
-        }))
+        Path(self.path).write_text(
+            json.dumps(
+                {
+                    'loss': [None if not math.isfinite(x) else x for x in self.losses],
+                    'batch_s': self.batch_seconds,
+                }
+            )
+        )
 
 
 def _register_callbacks() -> None:
@@ -64,7 +69,6 @@ def _register_callbacks() -> None:
     demo._register_progress_callback()
     if RECORDER_CALLBACK not in registry.callbacks:
         registry.callbacks.register(RECORDER_CALLBACK, func=LossRecorder)
-
 
 
 def diverged(val_loss: float, losses: Sequence[Optional[float]]) -> bool:
@@ -84,8 +88,14 @@ def _init_worker(threads: int) -> None:
     demo.quiet_known_noise()  # the rest of a run's output goes to its log file
 
 
-def run_one(spec: RunSpec, scale: Scale, shapes: dict[str, dict[str, int]], data_root: str, out_dir: str,
-            demo_yaml: Optional[str] = None) -> dict:
+def run_one(
+    spec: RunSpec,
+    scale: Scale,
+    shapes: dict[str, dict[str, int]],
+    data_root: str,
+    out_dir: str,
+    demo_yaml: Optional[str] = None,
+) -> dict:
     """Train one run through llm-foundry (``demo.train_one``) and return its :class:`Row` as a dict."""
     from wesar_composer.tools import demo
 
@@ -105,24 +115,44 @@ def run_one(spec: RunSpec, scale: Scale, shapes: dict[str, dict[str, int]], data
     s = run_settings(spec, scale)
     shape = shapes[spec.shape]
     row = Row(
-        group=spec.group, method=spec.method, label=METHODS[spec.method][0], shape=spec.shape,
-        d_model=shape['d_model'], n_layers=shape['n_layers'], seed=spec.seed, setting=s['setting'],
-        lr=spec.lr, batch=s['batch'], steps=result.batches, warmup=s['warmup'], tokens=result.tokens,
-        n_params=result.n_params, val_loss=result.val_loss, val_ppl=result.val_perplexity,
+        group=spec.group,
+        method=spec.method,
+        label=METHODS[spec.method][0],
+        shape=spec.shape,
+        d_model=shape['d_model'],
+        n_layers=shape['n_layers'],
+        seed=spec.seed,
+        setting=s['setting'],
+        lr=spec.lr,
+        batch=s['batch'],
+        steps=result.batches,
+        warmup=s['warmup'],
+        tokens=result.tokens,
+        n_params=result.n_params,
+        val_loss=result.val_loss,
+        val_ppl=result.val_perplexity,
         final_train_loss=statistics.fmean(finite[-10:]) if finite else float('nan'),
         spikes=int(result.spikes or 0),
         diverged=int(diverged(result.val_loss, losses)),
-        d_over_u_last=d_over_u_last, wall_s=result.wall_seconds,
-        batch_s=statistics.median(record['batch_s']) if record['batch_s'] else float('nan'), run_name=spec.name,
+        d_over_u_last=d_over_u_last,
+        wall_s=result.wall_seconds,
+        batch_s=statistics.median(record['batch_s']) if record['batch_s'] else float('nan'),
+        run_name=spec.name,
         run_id=result.run_id or '',
     )
     return asdict(row)
 
 
-
-def run_grid(out_dir: Path, scale: Scale, shapes: dict[str, dict[str, int]], groups: Sequence[str],
-             jobs: int = 1, data_root: Optional[str] = None, deadline_s: Optional[float] = None,
-             demo_yaml: Optional[str] = None) -> list[dict]:
+def run_grid(
+    out_dir: Path,
+    scale: Scale,
+    shapes: dict[str, dict[str, int]],
+    groups: Sequence[str],
+    jobs: int = 1,
+    data_root: Optional[str] = None,
+    deadline_s: Optional[float] = None,
+    demo_yaml: Optional[str] = None,
+) -> list[dict]:
     """Run every planned run not yet in ``results.csv``; ``jobs`` processes of one torch thread each.
 
     ``deadline_s``: no run starts after this many seconds (the ones left are reported as cut).
@@ -131,9 +161,13 @@ def run_grid(out_dir: Path, scale: Scale, shapes: dict[str, dict[str, int]], gro
     from wesar_composer.tools.data import build_dataset, default_output_dir
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = build_dataset(data_root or default_output_dir(scale.vocab_size, scale.seq_len, scale.max_chars),
-                         vocab_size=scale.vocab_size, seq_len=scale.seq_len, max_chars=scale.max_chars,
-                         progress=lambda line: _say(f'data: {line}'))
+    data = build_dataset(
+        data_root or default_output_dir(scale.vocab_size, scale.seq_len, scale.max_chars),
+        vocab_size=scale.vocab_size,
+        seq_len=scale.seq_len,
+        max_chars=scale.max_chars,
+        progress=lambda line: _say(f'data: {line}'),
+    )
     results_path = out_dir / RESULTS_CSV
     done = {r['run_name'] for r in read_results(results_path)}
     todo = [s for s in plan(scale, groups) if s.name not in done]
@@ -143,24 +177,40 @@ def run_grid(out_dir: Path, scale: Scale, shapes: dict[str, dict[str, int]], gro
 
     def record(spec: RunSpec, row: dict) -> None:
         _append_row(results_path, row)
-        _say(f'{spec.name}: val loss {row["val_loss"]:.3f} (ppl {row["val_ppl"]:.1f}), spikes '
-             f'{row["spikes"]}, diverged {row["diverged"]}, {row["wall_s"]:.0f} s '
-             f'[{(time.perf_counter() - start) / 60:.1f} min]')
+        _say(
+            f'{spec.name}: val loss {row["val_loss"]:.3f} (ppl {row["val_ppl"]:.1f}), spikes '
+            f'{row["spikes"]}, diverged {row["diverged"]}, {row["wall_s"]:.0f} s '
+            f'[{(time.perf_counter() - start) / 60:.1f} min]'
+        )
 
     if jobs == 1:  # in this process
         while queue and (deadline_s is None or time.perf_counter() - start < deadline_s):
             spec = queue.pop(0)
             record(spec, run_one(spec, scale, shapes, str(data.root.resolve()), str(out_dir), demo_yaml))
     else:
-        _run_pool(queue, jobs, deadline_s, start, record, scale, shapes, str(data.root.resolve()), str(out_dir),
-                  demo_yaml)
+        _run_pool(
+            queue, jobs, deadline_s, start, record, scale, shapes, str(data.root.resolve()), str(out_dir), demo_yaml
+        )
     if queue:
         _say(f'deadline reached: {len(queue)} runs not started: {[s.name for s in queue]}')
-    (out_dir / 'grid.json').write_text(json.dumps({
-        'scale': asdict(scale), 'shapes': shapes, 'groups': list(groups), 'jobs': jobs,
-        'planned': [s.name for s in plan(scale, groups)], 'not_started': [s.name for s in queue],
-        'data': {'root': str(data.root), 'train_tokens': data.tokens['train'], 'val_tokens': data.tokens['val']},
-    }, indent=1))
+    (out_dir / 'grid.json').write_text(
+        json.dumps(
+            {
+                'scale': asdict(scale),
+                'shapes': shapes,
+                'groups': list(groups),
+                'jobs': jobs,
+                'planned': [s.name for s in plan(scale, groups)],
+                'not_started': [s.name for s in queue],
+                'data': {
+                    'root': str(data.root),
+                    'train_tokens': data.tokens['train'],
+                    'val_tokens': data.tokens['val'],
+                },
+            },
+            indent=1,
+        )
+    )
     return read_results(results_path)
 
 
@@ -168,8 +218,9 @@ def _run_pool(queue, jobs, deadline_s, start, record, scale, shapes, data_root, 
     """``jobs`` worker processes of one torch thread each; a failed run is reported, the rest go on."""
     import multiprocessing
 
-    with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, initargs=(1,),
-                             mp_context=multiprocessing.get_context('spawn')) as pool:
+    with ProcessPoolExecutor(
+        max_workers=jobs, initializer=_init_worker, initargs=(1,), mp_context=multiprocessing.get_context('spawn')
+    ) as pool:
         pending = {}
 
         def submit_next() -> None:
@@ -189,4 +240,3 @@ def _run_pool(queue, jobs, deadline_s, start, record, scale, shapes, data_root, 
             else:
                 record(spec, row)
             submit_next()
-

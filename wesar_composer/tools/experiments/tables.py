@@ -7,9 +7,10 @@ import json
 import math
 import re
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from wesar_composer.tools.experiments.grid import LR_METHODS, MAIN_METHODS, METHODS, REPARAM_METHODS
 
@@ -22,6 +23,7 @@ NORMS_JSON = 'last_layer_norms.json'  # per shape, written by figures.plot_figur
 @dataclass
 class Row:
     """One line of ``results.csv``."""
+
     group: str
     method: str
     label: str
@@ -51,7 +53,6 @@ class Row:
 CSV_FIELDS = [f.name for f in fields(Row)]
 
 
-
 def read_results(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -59,8 +60,18 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     with open(path, newline='') as f:
         for raw in csv.DictReader(f):
             row: dict[str, Any] = dict(raw)
-            for name in ('d_model', 'n_layers', 'seed', 'batch', 'steps', 'warmup', 'tokens', 'n_params',
-                         'spikes', 'diverged'):
+            for name in (
+                'd_model',
+                'n_layers',
+                'seed',
+                'batch',
+                'steps',
+                'warmup',
+                'tokens',
+                'n_params',
+                'spikes',
+                'diverged',
+            ):
                 row[name] = int(row[name])
             for name in ('lr', 'val_loss', 'val_ppl', 'final_train_loss', 'd_over_u_last', 'wall_s', 'batch_s'):
                 row[name] = float(row[name]) if row[name] not in ('', None) else float('nan')
@@ -75,7 +86,6 @@ def _append_row(path: Path, row: dict[str, Any]) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
-
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float, int]:
@@ -95,8 +105,12 @@ def _ms(values: Sequence[float], spec: str = '.3f') -> str:
 # The paper's figures (1.3B, WikiText / LAMBADA perplexity): Tables 5 and 7 (30B tokens), Table 6
 # (10B tokens, mean (std) of five runs, time in hours with the overhead vs Small init).
 PAPER_T57 = {
-    'small_rapid': '16.55 / 26.29', 'small_stable': '21.44 / 28.81', 'he': '16.70 / 26.50',
-    'wesar': '14.51 / 22.87', 'wesar_small': '15.91 / 24.37', 'wesar_fixed': '15.21 / 25.61',
+    'small_rapid': '16.55 / 26.29',
+    'small_stable': '21.44 / 28.81',
+    'he': '16.70 / 26.50',
+    'wesar': '14.51 / 22.87',
+    'wesar_small': '15.91 / 24.37',
+    'wesar_fixed': '15.21 / 25.61',
 }
 PAPER_T6 = {
     'small_rapid': ('20.64 (0.52) / 29.50 (0.53)', '18.88 h'),
@@ -113,8 +127,10 @@ def _select(rows, **where) -> list[dict]:
 
 
 def table_main(rows: list[dict], shape: str) -> str:
-    lines = ['| method | val loss | val perplexity | Δ loss vs Small (rapid) | spikes | seeds | wall time / run | paper 1.3B (WikiText / LAMBADA ppl) |',
-             '|---|---|---|---|---|---|---|---|']
+    lines = [
+        '| method | val loss | val perplexity | Δ loss vs Small (rapid) | spikes | seeds | wall time / run | paper 1.3B (WikiText / LAMBADA ppl) |',
+        '|---|---|---|---|---|---|---|---|',
+    ]
     base = _stats([r['val_loss'] for r in _select(rows, group='main', shape=shape, method='small_rapid')])[0]
     for method in MAIN_METHODS:
         sel = _select(rows, group='main', shape=shape, method=method)
@@ -125,18 +141,21 @@ def table_main(rows: list[dict], shape: str) -> str:
         lines.append(
             f'| {METHODS[method][0]} | {_ms([r["val_loss"] for r in sel])} | {_ms([r["val_ppl"] for r in sel], ".1f")} | '
             f'{delta} | {sum(r["spikes"] for r in sel)} | {len(sel)} | {_ms([r["wall_s"] for r in sel], ".0f")} s | '
-            f'{PAPER_T57[method]} |')
+            f'{PAPER_T57[method]} |'
+        )
     return '\n'.join(lines)
 
 
 def table_reparam(rows: list[dict]) -> str:
-    lines = ['| method | val loss | val perplexity | spikes | runs | wall time / run | s / batch (median) | batch time vs Small | paper 1.3B, 10B tokens (ppl WikiText / LAMBADA) | paper time |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+    lines = [
+        '| method | val loss | val perplexity | spikes | runs | wall time / run | s / batch (median) | batch time vs Small | paper 1.3B, 10B tokens (ppl WikiText / LAMBADA) | paper time |',
+        '|---|---|---|---|---|---|---|---|---|---|',
+    ]
     shapes = sorted({r['shape'] for r in rows if r['group'] == 'reparam'})
     for shape in shapes:
         seeds = sorted({r['seed'] for r in rows if r['group'] == 'reparam' and r['shape'] == shape})
 
-        def pick(method):
+        def pick(method, shape=shape, seeds=seeds):
             if method in ('small_rapid', 'wesar'):
                 return [r for r in _select(rows, group='main', shape=shape, method=method) if r['seed'] in seeds]
             return _select(rows, group='reparam', shape=shape, method=method)
@@ -147,19 +166,26 @@ def table_reparam(rows: list[dict]) -> str:
             if not sel:
                 continue
             batch = _stats([r['batch_s'] for r in sel])[0]
-            rel = f'{100 * (batch / base_batch - 1):+.0f}%' if method != 'small_rapid' and math.isfinite(base_batch) else '-'
+            rel = (
+                f'{100 * (batch / base_batch - 1):+.0f}%'
+                if method != 'small_rapid' and math.isfinite(base_batch)
+                else '-'
+            )
             paper_ppl, paper_time = PAPER_T6[method]
             lines.append(
                 f'| {METHODS[method][0]} ({shape}) | {_ms([r["val_loss"] for r in sel])} | '
                 f'{_ms([r["val_ppl"] for r in sel], ".1f")} | {sum(r["spikes"] for r in sel)} | {len(sel)} | '
                 f'{_ms([r["wall_s"] for r in sel], ".0f")} s | {_ms([r["batch_s"] for r in sel], ".3f")} | {rel} | '
-                f'{paper_ppl} | {paper_time} |')
+                f'{paper_ppl} | {paper_time} |'
+            )
     return '\n'.join(lines)
 
 
 def table_lr(rows: list[dict]) -> str:
-    lines = ['| shape | method | lr | val loss | runs with a spike | spikes | diverged | seeds |',
-             '|---|---|---|---|---|---|---|---|']
+    lines = [
+        '| shape | method | lr | val loss | runs with a spike | spikes | diverged | seeds |',
+        '|---|---|---|---|---|---|---|---|',
+    ]
     sel = [r for r in rows if r['group'] == 'lr']
     summary = []
     for shape in sorted({r['shape'] for r in sel}):
@@ -172,13 +198,17 @@ def table_lr(rows: list[dict]) -> str:
                 at = [r for r in runs if r['lr'] == lr]
                 spiked = sum(1 for r in at if r['spikes'])
                 div = sum(r['diverged'] for r in at)
-                lines.append(f'| {shape} | {METHODS[method][0]} | {lr:g} | {_ms([r["val_loss"] for r in at])} | '
-                             f'{spiked} / {len(at)} | {sum(r["spikes"] for r in at)} | {div} / {len(at)} | {len(at)} |')
+                lines.append(
+                    f'| {shape} | {METHODS[method][0]} | {lr:g} | {_ms([r["val_loss"] for r in at])} | '
+                    f'{spiked} / {len(at)} | {sum(r["spikes"] for r in at)} | {div} / {len(at)} | {len(at)} |'
+                )
                 if not spiked and not div:
                     clean.append(lr)
-            summary.append(f'- {shape}, {METHODS[method][0]}: largest lr with no spike or divergence in any seed: '
-                           f'{max(clean):g}' if clean else
-                           f'- {shape}, {METHODS[method][0]}: every lr tried spiked or diverged')
+            summary.append(
+                f'- {shape}, {METHODS[method][0]}: largest lr with no spike or divergence in any seed: {max(clean):g}'
+                if clean
+                else f'- {shape}, {METHODS[method][0]}: every lr tried spiked or diverged'
+            )
     return '\n'.join(lines + [''] + summary)
 
 
@@ -186,8 +216,10 @@ def table_d_over_u(rows: list[dict]) -> str:
     lines = ['| shape | method | median ratio(W_d) / ratio(W_u), last layer | sqrt(2N) |', '|---|---|---|---|']
     for r in rows:
         if r['group'] == 'main' and math.isfinite(r['d_over_u_last']):
-            lines.append(f'| {r["shape"]} (d {r["d_model"]}, N {r["n_layers"]}) | {r["label"]} | '
-                         f'{r["d_over_u_last"]:.2f} | {math.sqrt(2 * r["n_layers"]):.2f} |')
+            lines.append(
+                f'| {r["shape"]} (d {r["d_model"]}, N {r["n_layers"]}) | {r["label"]} | '
+                f'{r["d_over_u_last"]:.2f} | {math.sqrt(2 * r["n_layers"]):.2f} |'
+            )
     return '\n'.join(lines)
 
 
@@ -197,8 +229,10 @@ def table_wall(rows: list[dict]) -> str:
     for group in ('main', 'reparam', 'lr'):
         for shape in sorted({r['shape'] for r in rows if r['group'] == group}):
             sel = _select(rows, group=group, shape=shape)
-            lines.append(f'| {group} | {shape} | {len(sel)} | {_ms([r["wall_s"] for r in sel], ".0f")} s | '
-                         f'{sum(r["wall_s"] for r in sel) / 60:.1f} min |')
+            lines.append(
+                f'| {group} | {shape} | {len(sel)} | {_ms([r["wall_s"] for r in sel], ".0f")} s | '
+                f'{sum(r["wall_s"] for r in sel) / 60:.1f} min |'
+            )
     lines.append(f'| all | | {len(rows)} | | {total / 60:.1f} min |')
     return '\n'.join(lines)
 
@@ -207,8 +241,14 @@ def render_tables(rows: list[dict]) -> dict[str, str]:
     """The generated blocks of the page, by name."""
     shapes = sorted({r['shape'] for r in rows if r['group'] == 'main'})
     tables = {f'main-{shape}': table_main(rows, shape) for shape in shapes}
-    tables.update({'reparam': table_reparam(rows), 'lr': table_lr(rows), 'd_over_u': table_d_over_u(rows),
-                   'wall': table_wall(rows)})
+    tables.update(
+        {
+            'reparam': table_reparam(rows),
+            'lr': table_lr(rows),
+            'd_over_u': table_d_over_u(rows),
+            'wall': table_wall(rows),
+        }
+    )
     return tables
 
 
@@ -233,18 +273,20 @@ def render_page(page: Path, rows: list[dict], out_dir: Optional[Path] = None) ->
     return filled
 
 
-
 def table_norms(out_dir: Path) -> str:
     """From the ``last_layer_norms.json`` files that :func:`plot_figures` writes."""
-    lines = ['| shape | method | ‖W_d‖ first → last | change | ‖W_u‖ first → last | change |',
-             '|---|---|---|---|---|---|']
+    lines = [
+        '| shape | method | ‖W_d‖ first → last | change | ‖W_u‖ first → last | change |',
+        '|---|---|---|---|---|---|',
+    ]
     for path in sorted((out_dir / 'figures').glob(f'*/{NORMS_JSON}')):
         for r in json.loads(path.read_text()):
             cells = []
             for role in ('d', 'u'):
                 v = r[role]
-                cells.append(f'{v["first"]:.3f} → {v["last"]:.3f} (steps {v["first_step"]}-{v["last_step"]}) | '
-                             f'{100 * (v["last"] / v["first"] - 1):+.0f}%')
+                cells.append(
+                    f'{v["first"]:.3f} → {v["last"]:.3f} (steps {v["first_step"]}-{v["last_step"]}) | '
+                    f'{100 * (v["last"] / v["first"] - 1):+.0f}%'
+                )
             lines.append(f'| {r["shape"]} (layer {r["layer"]}) | {r["label"]} | {" | ".join(cells)} |')
     return '\n'.join(lines)
-
