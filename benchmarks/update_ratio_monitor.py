@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import cast
 
 SETTINGS = ('none', '1', '10', '2')  # '2': paired estimate, logging and quiet batches alternate in one run
 
@@ -70,7 +71,7 @@ def child(setting: str, seq: int, batch: int, steps: int, warmup: int) -> dict:
             self.marks = (time.perf_counter(), time.process_time(), clock['wall'], clock['cpu'])
 
         def batch_end(self, state, logger):  # runs after the monitor's batch_end (listed after it)
-            wall, cpu, monitor_wall, monitor_cpu = self.marks
+            wall, cpu, monitor_wall, monitor_cpu = cast(tuple[float, float, float, float], self.marks)
             self.wall.append(time.perf_counter() - wall)
             self.cpu.append(time.process_time() - cpu)
             self.monitor_wall.append(clock['wall'] - monitor_wall)
@@ -140,7 +141,7 @@ def _peak_rss_mb() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(description=cast(str, __doc__).split('\n\n')[0])
     parser.add_argument('--seq', type=int, default=512)
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--steps', type=int, default=20, help='measured steps per run (after --warmup)')

@@ -89,7 +89,7 @@ def make_batch(batch_size: int, seq_len: int, device: str):
     return {'input_ids': tokens, 'labels': tokens.clone(), 'attention_mask': torch.ones_like(tokens)}
 
 
-def time_side_by_side(args) -> dict[str, float]:
+def time_side_by_side(args) -> tuple[dict[str, float], dict[str, float]]:
     variants = ['plain', *args.variants]
     models = {}
     for v in variants:
@@ -105,7 +105,7 @@ def time_side_by_side(args) -> dict[str, float]:
             elapsed = step(*models[v], batch, args.device)
             if i >= args.warmup:
                 times[v].append(elapsed)
-    memory = {}
+    memory: dict[str, float] = {}
     if not args.skip_memory:
         for v in variants:
             if v != 'plain':
