@@ -23,6 +23,7 @@ layer's custom autograd function saves x, v and g and recomputes W_bar in backwa
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +128,7 @@ class WeightNormLinear(Reparameterized, nn.Linear):
         return weight_norm_weight(self.weight, self.weight_g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _WeightNormLinearFunction.apply(x, self.weight, self.weight_g, self.bias)
+        return cast(torch.Tensor, _WeightNormLinearFunction.apply(x, self.weight, self.weight_g, self.bias))
 
     def fold_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {'weight': weight_norm_weight(tensors['weight'], tensors['weight_g'])}
@@ -171,7 +172,7 @@ class WeightNormEmbedding(Reparameterized, SharedEmbedding):
 
     def forward(self, input: torch.Tensor, unembed: bool = False) -> torch.Tensor:
         if unembed:
-            return _WeightNormLinearFunction.apply(input, self.weight, self.weight_g, None)
+            return cast(torch.Tensor, _WeightNormLinearFunction.apply(input, self.weight, self.weight_g, None))
         rows = F.embedding(input, self.weight, self.padding_idx)
         gains = F.embedding(input, self.weight_g, self.padding_idx)
         norms = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)

@@ -11,7 +11,7 @@ last position are left out exactly as the cross-entropy leaves them out. The pap
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from composer.core import Algorithm, Event, State
@@ -75,11 +75,12 @@ def add_z_loss(loss: Any, z: torch.Tensor) -> dict[str, torch.Tensor]:
     A tensor (or tuple) loss becomes ``{'total', 'loss', 'z_loss'}``; a dict loss (e.g.
     llm-foundry's MoE ``{'total', 'loss', 'lbl'}``) keeps its keys and gains ``z_loss``.
     """
+    parts: dict[str, torch.Tensor]
     if isinstance(loss, Mapping):
         parts = dict(loss)
         total = parts['total'] if 'total' in parts else sum(v.mean() for v in parts.values())
     else:
-        total = sum(v.mean() for v in ensure_tuple(loss))
+        total = cast(torch.Tensor, sum(v.mean() for v in ensure_tuple(loss)))
         parts = {LM_LOSS_KEY: total}
     parts[LOSS_KEY] = z
     parts['total'] = total + z
