@@ -149,11 +149,8 @@ class LossSpikeCounter(CheckedHparams, Callback):
                 f' Update ratios: fewer than two logged steps before batch {batch:,} '
                 f'(log_interval {monitor.log_interval}), nothing to compare.'
             )
-        span = (
-            f'{rise.baseline_steps[0]:,}-{rise.baseline_steps[-1]:,}'
-            if len(rise.baseline_steps) > 1
-            else f'{rise.baseline_steps[0]:,}'
-        )
+        first, last = rise.baseline_steps[0], rise.baseline_steps[-1]
+        span = f'{first:,}-{last:,}' if len(rise.baseline_steps) > 1 else f'{first:,}'
         rows = [
             [self.count, batch, rank, key, value, ratio, baseline, rise.step, span]
             for rank, (key, value, ratio, baseline) in enumerate(rise.rows, start=1)

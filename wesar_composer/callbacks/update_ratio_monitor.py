@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 import torch.distributed as torch_dist
@@ -295,6 +295,7 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
         self._group = fsdp_groups[0] if fsdp_groups else None
         self._sharded = bool(self._shard_info)
         for matrix in self._matrices:
+            assert matrix.module is not None  # looked up above
             for tensor in [matrix.module.weight, *(gate for _, gate in matrix.gates)]:  # FSDP2
                 if _is_dtensor(tensor) and any(p.is_shard() for p in tensor.placements):
                     self._sharded = True
@@ -328,7 +329,7 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
             raise RuntimeError('UpdateRatioMonitor.end_step called without begin_step before the optimizer step.')
         weights = self._local_weights()
         unique = {id(copy): (copy, flat) for copy, (flat, _) in zip(self._snapshot, weights)}
-        torch._foreach_sub_(
+        torch._foreach_sub_(  # pyright: ignore[reportPrivateImportUsage]
             [c for c, _ in unique.values()], [f for _, f in unique.values()]
         )  # copy := W_before - W_after
         diffs = [(copy, start) for copy, (_, start) in zip(self._snapshot, weights)]
@@ -342,7 +343,8 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
     # --- helpers ----------------------------------------------------------------------------
 
     def _local_weights(self) -> list[tuple[torch.Tensor, int]]:
-        return [self._local(m.module.weight, m.shape[0] * m.shape[1]) for m in self._matrices]
+        assert self._matrices is not None
+        return [self._local(cast(nn.Module, m.module).weight, m.shape[0] * m.shape[1]) for m in self._matrices]
 
     def _local(self, param: torch.Tensor, numel: int) -> tuple[torch.Tensor, int]:
         """This rank's part of ``param`` as a flat tensor, and where it starts in the flat global tensor."""
@@ -354,6 +356,7 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
 
     def _gate_values(self, device: torch.device) -> torch.Tensor:
         """All gates in one vector; under sharding each rank fills its own elements, zeros elsewhere."""
+        assert self._matrices is not None
         parts = [torch.zeros(0, device=device, dtype=torch.float64)]
         for matrix in self._matrices:
             for _, gate in matrix.gates:
@@ -365,6 +368,7 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
         return torch.cat(parts)
 
     def _metrics(self, values: list[float]) -> dict[str, float]:
+        assert self._matrices is not None
         keys = [key for m in self._matrices for key in m.keys]
         gate_keys = [key for m in self._matrices for gate_keys, _ in m.gates for key in gate_keys]
         n = len(keys)
@@ -396,6 +400,7 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
 
     def _summaries(self, keys: list[str], ratios: list[float]) -> dict[str, float]:
         """The largest ratio, the last layer's d/u gap and each layered role's mean over all layers."""
+        assert self._matrices is not None
         by_key = dict(zip(keys, ratios))
         out = {SUMMARY_MAX: max(ratios)}
         last = max((m.layer for m in self._matrices if m.layer is not None), default=None)
@@ -455,7 +460,7 @@ def _resolve_layers(layers: Union[str, tuple[int, ...], dict[str, int]], present
     if isinstance(layers, dict):
         return set(present[:: layers['every']]) | {present[-1]}
     chosen = set()
-    for layer in layers:
+    for layer in cast(tuple[int, ...], layers):  # not ALL, not a dict
         if not -n <= layer < n:
             raise ValueError(
                 f'layers: {layer} is outside the model, which has {n} layers '
@@ -483,7 +488,7 @@ def _slice_sq_norms(flats: list[tuple[torch.Tensor, int]], matrices: list[_Matri
                 owners.append(n_slices)
             n_slices += 1
             row += rows
-    squares = torch.stack(torch._foreach_norm(chunks, 2, dtype=torch.float32)).double().square()
+    squares = torch.stack(torch._foreach_norm(chunks, 2, dtype=torch.float32)).double().square()  # pyright: ignore[reportPrivateImportUsage]
     index = torch.tensor(owners, device=squares.device)
     return torch.zeros(n_slices, dtype=torch.float64, device=squares.device).index_add_(0, index, squares)
 
