@@ -61,41 +61,63 @@ def expand_rows(scales: torch.Tensor, slice_sizes: Sequence[int]) -> torch.Tenso
     return torch.cat([s.expand(n) for s, n in zip(scales.unbind(), slice_sizes)]).unsqueeze(1)
 
 
-class ScaledLinearFunction(torch.autograd.Function):
-    """y = x (s * W)^T + b with a row scale s, saving x, W and s (not s * W) for backward.
+def _columns(scales: torch.Tensor, slice_sizes: Sequence[int]) -> torch.Tensor:
+    """One scale per output feature, shape (d_out,) (or (1,) for one slice): broadcasts over the last dim of y."""
+    return scales.reshape(1) if len(slice_sizes) == 1 else expand_rows(scales, slice_sizes).reshape(-1)
 
-    Backward: dL/dW_bar = dy^T x; dL/dW = s * dL/dW_bar; dL/ds = sum_in(dL/dW_bar * W);
-    dL/dx = dy (s * W), with s * W recomputed. Matmuls run in the dtype of dy, which is the
-    autocast dtype when the forward ran under autocast. WeSaR's gates and sigma-Reparam's
-    a / sigma are such a scale.
+
+class ScaledLinearFunction(torch.autograd.Function):
+    """y = x (s W)^T + b with one scale per row slice of W, without ever forming s * W.
+
+    The scale rides on the products, in place on tensors the layer makes anyway:
+
+    - forward: y = (x W^T) * s + b, s multiplying y's columns;
+    - backward, with G = dy^T x (the gradient of the virtual weight s W, needed in any case):
+      dL/ds = <G_slice, W_slice> per slice (a dot product, no temporary);
+      dL/dW = s * G (in place on G);
+      dL/dx = (dy W) * s for one scale (in place), (dy * s) W for several.
+
+    Only x, W and s are saved. Matmuls run in the dtype of dy (the autocast dtype when the
+    forward ran under autocast); dL/ds is accumulated in the dtype of W. WeSaR's gates and
+    sigma-Reparam's a / sigma are such a scale.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, row_scales, bias):
-        ctx.save_for_backward(x, weight, row_scales)
+    def forward(ctx, x, weight, scales, bias, slice_sizes):
+        ctx.save_for_backward(x, weight, scales)
+        ctx.slice_sizes = tuple(slice_sizes)
         ctx.has_bias = bias is not None
-        return F.linear(x, weight * row_scales, bias)
+        y = F.linear(x, weight)
+        y.mul_(_columns(scales, ctx.slice_sizes).to(y.dtype))
+        if bias is not None:
+            y.add_(bias.to(y.dtype))
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, row_scales = ctx.saved_tensors
-        need_x, need_w, need_s, need_b = ctx.needs_input_grad
+        x, weight, scales = ctx.saved_tensors
+        sizes = ctx.slice_sizes
+        need_x, need_w, need_s, need_b = ctx.needs_input_grad[:4]
         compute_dtype = grad_out.dtype
         grad_x = grad_w = grad_s = grad_b = None
         if need_x:
-            grad_x = grad_out @ (weight * row_scales).to(compute_dtype)
+            w = weight.to(compute_dtype)
+            if len(sizes) == 1:
+                grad_x = (grad_out @ w).mul_(scales.to(compute_dtype))
+            else:
+                grad_x = (grad_out * _columns(scales, sizes).to(compute_dtype)) @ w
         if need_w or need_s:
             flat_out = grad_out.reshape(-1, grad_out.shape[-1])
             grad_virtual = (flat_out.t() @ x.reshape(-1, x.shape[-1]).to(compute_dtype)).to(weight.dtype)
-            if need_w:
-                grad_w = grad_virtual * row_scales
             if need_s:
-                grad_s = (grad_virtual * weight).sum(dim=1, keepdim=True)
-                if row_scales.shape[0] == 1:
-                    grad_s = grad_s.sum(dim=0, keepdim=True)
+                pairs = zip(grad_virtual.split(list(sizes)), weight.split(list(sizes)))
+                grad_s = torch.stack([torch.dot(g.reshape(-1), w.reshape(-1)) for g, w in pairs]).to(scales.dtype)
+                grad_s = grad_s.reshape(scales.shape)
+            if need_w:
+                grad_w = grad_virtual.mul_(expand_rows(scales, sizes).to(grad_virtual.dtype))
         if need_b and ctx.has_bias:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_w, grad_s, grad_b
+        return grad_x, grad_w, grad_s, grad_b, None
 
 
 def applied_method(model: nn.Module) -> Optional[tuple[str, str]]:

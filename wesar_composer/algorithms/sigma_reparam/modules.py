@@ -23,6 +23,7 @@ the role of WeSaR's gate), so W_bar is recomputed in backward instead of being h
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -126,16 +127,20 @@ class SigmaReparamLinear(Reparameterized, _SpectralNorm, nn.Linear):
         if self.bias is not None:
             write_(self.bias, torch.zeros(self.bias.shape))
 
+    def slice_scales(self) -> torch.Tensor:
+        """a_s / sigma_s for every output slice; sigma is a constant (not differentiated)."""
+        return self.gate / self.sn_sigma.clone().to(self.gate.dtype)
+
     def row_scales(self) -> torch.Tensor:
-        """a_s / sigma_s for every output row, shape (out_features, 1); sigma is a constant."""
-        return expand_rows(self.gate / self.sn_sigma.clone().to(self.gate.dtype), self.slice_sizes)
+        """a_s / sigma_s for every output row, shape (out_features, 1)."""
+        return expand_rows(self.slice_scales(), self.slice_sizes)
 
     def virtual_weight(self) -> torch.Tensor:
         return self.weight * self.row_scales()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._maybe_iterate()
-        return ScaledLinearFunction.apply(x, self.weight, self.row_scales(), self.bias)
+        return cast(torch.Tensor, ScaledLinearFunction.apply(x, self.weight, self.slice_scales(), self.bias, self.slice_sizes))
 
     def fold_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         weight = tensors['weight']
@@ -190,7 +195,10 @@ class SigmaReparamEmbedding(Reparameterized, _SpectralNorm, SharedEmbedding):
         if unembed:
             if self.unembed_gate is None:
                 raise RuntimeError('This embedding is not tied to a prediction head (no unembed_gate).')
-            return ScaledLinearFunction.apply(input, self.weight, (self.unembed_gate / self._sigma()).view(1, 1), None)
+            return cast(
+                torch.Tensor,
+                ScaledLinearFunction.apply(input, self.weight, self.unembed_gate / self._sigma(), None, self.slice_sizes),
+            )
         out = F.embedding(input, self.weight, self.padding_idx)
         return out * (self.gate / self._sigma() * self.output_scale)
 

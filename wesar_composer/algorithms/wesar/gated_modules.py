@@ -3,17 +3,17 @@
 A gated matrix computes with the virtual parameter W_bar = a * W (Section 4.1), where the
 actual parameter W ~ N(0, sigma^2) and the trainable gate a starts at s_r / sigma.
 
-Implementation choice: the linear layer scales the *weight* (one elementwise product of
-d_out x d_in) rather than its output (B x T x d_out), because during pre-training the number
-of tokens in a batch far exceeds the width. The scaled linear function keeps a * W out of the
-saved tensors (it is recomputed in backward), so the gated model holds no extra copy of its
-weights between forward and backward; plain autograd would keep one copy per matrix. The
-embedding scales its *output* instead (B x T x d is far smaller than vocab x d).
+Implementation: the linear layer never forms a * W. The package's scaled linear function
+multiplies, in place, tensors the layer computes anyway (its output, the input gradient and
+the weight gradient) and gets the gate's gradient as one dot product per slice; it saves only
+x, W and a, so the gated model holds no extra copy of its weights. The embedding scales its
+output (B x T x d is far smaller than vocab x d).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +93,7 @@ class GatedLinear(Reparameterized, nn.Linear):
         return self.weight * self.row_gates()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ScaledLinearFunction.apply(x, self.weight, self.row_gates(), self.bias)
+        return cast(torch.Tensor, ScaledLinearFunction.apply(x, self.weight, self.gate, self.bias, self.slice_sizes))
 
     def fold_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         weight = tensors['weight']
