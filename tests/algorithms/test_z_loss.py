@@ -12,7 +12,7 @@ from composer.loggers import InMemoryLogger
 from llmfoundry.utils.builders import build_algorithm
 from torch.utils.data import DataLoader
 
-from model_builders import llama, mpt
+from tests.common import llama, mpt
 from wesar_composer import ZLoss
 from wesar_composer.algorithms.z_loss import z_loss
 

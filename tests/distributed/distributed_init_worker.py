@@ -19,8 +19,9 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-sys.path.insert(0, os.path.dirname(__file__))
-from model_builders import APPLY_WITH_SEED, INIT_SEED, mpt_for_init  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+sys.path.insert(0, ROOT)
+from tests.common import APPLY_WITH_SEED, INIT_SEED, mpt_for_init  # noqa: E402
 
 
 def materialize_on_cpu(model: nn.Module) -> None:

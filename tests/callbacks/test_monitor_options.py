@@ -6,8 +6,8 @@ from composer import Trainer
 from composer.loggers import InMemoryLogger
 from torch.utils.data import DataLoader
 
-from model_builders import mpt
-from test_update_ratio_monitor import LAYER_ROLES, TokenBatches
+from tests.callbacks.test_update_ratio_monitor import LAYER_ROLES
+from tests.common import TokenBatches, mpt
 from wesar_composer import UpdateRatioMonitor, WeSaR
 
 DEEP = 40

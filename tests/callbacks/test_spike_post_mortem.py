@@ -12,7 +12,7 @@ from composer.core import Callback
 from composer.loggers import InMemoryLogger, MLFlowLogger
 from torch.utils.data import DataLoader
 
-from model_builders import mpt
+from tests.common import mpt
 from wesar_composer import LossSpikeCounter, UpdateRatioMonitor
 from wesar_composer.callbacks.loss_spike_counter import POST_MORTEM_COLUMNS
 from wesar_composer.tools.plotting import load_runs

@@ -5,7 +5,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from model_builders import mpt
+from tests.common import mpt
 from wesar_composer import apply_paper_init, apply_sigma_reparam, apply_weight_norm, apply_wesar
 from wesar_composer.reparam.checkpoints import (
     CheckedLoadPlanner,

@@ -11,7 +11,7 @@ from composer.loggers import InMemoryLogger
 from composer.optim import DecoupledAdamW
 from torch.utils.data import DataLoader
 
-from model_builders import llama, mpt
+from tests.common import TokenBatches, llama, mpt
 from wesar_composer import UpdateRatioMonitor, WeSaR
 from wesar_composer.roles import find_matrices
 
@@ -20,20 +20,6 @@ LAYER_ROLES = ('q', 'k', 'v', 'o', 'u', 'd')
 FAMILIES = ('update_ratio', 'param_norm', 'grad_norm')
 FULL = {'families': 'all', 'layers': 'all'}  # every key of every matrix
 SUMMARIES = {'update_ratio/max', 'update_ratio/last_layer_d_over_u'} | {f'update_ratio/mean_{r}' for r in LAYER_ROLES}
-
-
-class TokenBatches(torch.utils.data.Dataset):
-    """Random token sequences with labels, as llm-foundry's collator yields them."""
-
-    def __init__(self, n=64, seq=32, vocab=512, seed=0):
-        self.tokens = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def __getitem__(self, i):
-        t = self.tokens[i]
-        return {'input_ids': t, 'labels': t.clone(), 'attention_mask': torch.ones_like(t)}
 
 
 def fit(model, callbacks, batches, optimizer=None, algorithms=()):

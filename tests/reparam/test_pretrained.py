@@ -5,7 +5,7 @@ import torch
 from llmfoundry.models.hf import ComposerHFCausalLM
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from model_builders import APPLY_WITH_SEED
+from tests.common import APPLY_WITH_SEED
 from wesar_composer import WeSaR, apply_wesar, gate_table, merge_gates
 from wesar_composer.algorithms.wesar import GatedEmbedding, GatedLinear
 
@@ -80,7 +80,7 @@ def test_preserve_keeps_the_logits_and_puts_every_weight_at_sigma(saved_llama):
 
 
 def test_preserve_on_a_tied_mpt_keeps_the_logits():
-    from model_builders import mpt
+    from tests.common import mpt
 
     model = mpt(n_layers=2, kv_n_heads=2, tie_word_embeddings=True)
     with torch.no_grad():
@@ -103,7 +103,7 @@ def test_train_from_yaml_with_pretrained_weights(saved_llama, tiny_train_cfg, tm
     """hf_causal_lm with pretrained: true: wesar refuses; init_mode: preserve starts from the pretrained loss."""
     from llmfoundry.command_utils import train_from_yaml
 
-    from conftest import write_train_yaml
+    from tests.common import write_train_yaml
 
     monkeypatch.chdir(tmp_path)
     model = {'name': 'hf_causal_lm', 'pretrained_model_name_or_path': str(saved_llama), 'pretrained': True,

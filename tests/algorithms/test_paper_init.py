@@ -6,7 +6,7 @@ import pytest
 import torch
 from llmfoundry.utils.builders import build_algorithm
 
-from model_builders import SHAPE_130M, llama, mpt
+from tests.common import SHAPE_130M, llama, mpt
 from wesar_composer import PaperInit, apply_paper_init, apply_wesar
 from wesar_composer.algorithms.paper_init import ScaledEmbedding
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from llmfoundry.utils.builders import build_algorithm
 from torch import nn
 
-from model_builders import mpt
+from tests.common import mpt
 from wesar_composer import (
     ResidualScaling,
     SigmaReparam,

@@ -15,7 +15,7 @@ from llmfoundry.utils.builders import build_algorithm, build_composer_model
 from llmfoundry.utils.config_utils import TRAIN_CONFIG_KEYS, make_dataclass_and_log_config, process_init_device
 from omegaconf import OmegaConf as om
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / 'yamls' / 'paper'
 TOKENS_PER_BATCH = 512 * 2048  # rapid (Table 3)
 TABLE6_TOKENS = 10e9

@@ -51,7 +51,7 @@ def run(yaml_path: Path, out: Path, world: int, expect_ok: bool = True) -> subpr
 
 @pytest.fixture(scope='module')
 def wesar_runs(tiny_mds, tmp_path_factory):
-    from conftest import tiny_train_config, write_train_yaml
+    from tests.common import tiny_train_config, write_train_yaml
 
     root = tmp_path_factory.mktemp('fsdp2')
 
@@ -101,7 +101,7 @@ def test_monitor_under_fsdp2_logs_the_one_process_ratios(wesar_runs):
 
 
 def test_sharded_wesar_checkpoint_refused_by_a_run_without_wesar(wesar_runs, tiny_mds):
-    from conftest import tiny_train_config, write_train_yaml
+    from tests.common import tiny_train_config, write_train_yaml
 
     root = wesar_runs['root']
     checkpoint = root / 'ckpt' / 'ep0-ba3'

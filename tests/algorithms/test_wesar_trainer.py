@@ -6,22 +6,9 @@ from composer import Trainer
 from composer.optim import DecoupledAdamW
 from torch.utils.data import DataLoader
 
-from model_builders import mpt
+from tests.common import TokenBatches, mpt
 from wesar_composer import WeSaR, gate_table
 from wesar_composer.algorithms.wesar import GatedLinear
-
-
-class TokenBatches(torch.utils.data.Dataset):
-    """Random token sequences with labels, as llm-foundry's collator yields them."""
-
-    def __init__(self, n=64, seq=32, vocab=512, seed=0):
-        self.tokens = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def __getitem__(self, i):
-        return {'input_ids': self.tokens[i], 'labels': self.tokens[i].clone(), 'attention_mask': torch.ones_like(self.tokens[i])}
 
 
 def trainer(model, duration='8ba', **kwargs):

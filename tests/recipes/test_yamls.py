@@ -21,7 +21,7 @@ from omegaconf import OmegaConf as om
 from wesar_composer import PaperInit, WeSaR, ZLoss
 from wesar_composer.algorithms.wesar.wesar import GATED_MODULES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / 'yamls' / 'paper'
 
 # Table 2: d, N, heads, parameters (millions, one decimal)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model_builders import llama, mpt
+from tests.common import llama, mpt
 from wesar_composer import apply_wesar, gate_table, merge_gates
 from wesar_composer.algorithms.wesar import GatedEmbedding, GatedLinear
 

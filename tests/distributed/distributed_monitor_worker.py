@@ -25,26 +25,13 @@ from composer.optim import DecoupledAdamW
 from composer.utils import dist
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, os.path.dirname(__file__))
-from model_builders import mpt  # noqa: E402
-
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+sys.path.insert(0, ROOT)
+from tests.common import TokenBatches, mpt  # noqa: E402
 from wesar_composer import UpdateRatioMonitor, WeSaR, apply_wesar  # noqa: E402
 from wesar_composer.roles import find_matrices  # noqa: E402
 
 STEPS = 3
-
-
-class TokenBatches(torch.utils.data.Dataset):
-
-    def __init__(self, n=32, seq=32, vocab=512, seed=0):
-        self.tokens = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def __getitem__(self, i):
-        t = self.tokens[i]
-        return {'input_ids': t, 'labels': t.clone(), 'attention_mask': torch.ones_like(t)}
 
 
 class SliceRecorder(Callback):
@@ -73,7 +60,7 @@ class SliceRecorder(Callback):
 
 def run_ddp(out_dir):
     model = mpt(d_model=64, n_layers=2, kv_n_heads=2)
-    dataset = TokenBatches()
+    dataset = TokenBatches(n=32)
     recorder = SliceRecorder(model)
     logger = InMemoryLogger()
     trainer = Trainer(
@@ -108,7 +95,7 @@ def run_sharded(out_dir):
     if not torch_dist.is_initialized():  # the DDP part's Trainer has set up gloo already
         torch_dist.init_process_group('gloo')
     world = torch_dist.get_world_size()
-    batch = {k: torch.stack([TokenBatches()[i][k] for i in range(4)]) for k in ('input_ids', 'labels', 'attention_mask')}
+    batch = {k: torch.stack([TokenBatches(n=32)[i][k] for i in range(4)]) for k in ('input_ids', 'labels', 'attention_mask')}
     results = {'world_size': world}
     for mode in ('fsdp1', 'fsdp2'):
         model = apply_wesar(mpt(d_model=64, n_layers=2, kv_n_heads=2, seed=3))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from model_builders import mpt
+from tests.common import mpt
 from wesar_composer import WeSaR, apply_wesar
 
 

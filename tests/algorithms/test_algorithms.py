@@ -10,7 +10,7 @@ import torch
 from llmfoundry.utils.builders import build_algorithm, build_callback
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from model_builders import APPLY_WITH_SEED, mpt
+from tests.common import APPLY_WITH_SEED, mpt
 from wesar_composer import (
     LossSpikeCounter,
     PaperInit,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model_builders import SHAPE_130M, llama, mpt
+from tests.common import SHAPE_130M, llama, mpt
 from wesar_composer import apply_wesar, gate_table, merge_gates
 from wesar_composer.algorithms.wesar.wesar import GATED_MODULES
 

@@ -168,7 +168,7 @@ def test_the_users_own_demo_yaml_is_the_one_trained_from_another_folder(tmp_path
 
 
 def test_wesar_plot_reads_and_writes_relative_to_the_current_folder(tmp_path):
-    from test_plotting import make_store
+    from tests.tools.test_plotting import make_store
 
     make_store(tmp_path / 'mlruns', [('demo-small_init', True), ('demo-wesar', True)])
     done = run([script('wesar-plot'), '--out', 'plots'], cwd=tmp_path)  # default store: ./mlruns
@@ -180,7 +180,7 @@ def test_wesar_plot_reads_and_writes_relative_to_the_current_folder(tmp_path):
 
 
 def test_wesar_experiments_renders_a_results_folder_and_page_of_the_current_folder(tmp_path):
-    from test_experiments import PAGE
+    from tests.tools.test_experiments import PAGE
 
     from wesar_composer.tools.experiments import METHODS, RESULTS_CSV, tables
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from llmfoundry.command_utils import train_from_yaml
 
-from conftest import tiny_train_config, write_train_yaml
+from tests.common import tiny_train_config, write_train_yaml
 from wesar_composer.tools.plotting import load_runs, main
 
 STEPS = 6

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_builders import APPLY_WITH_SEED, INIT_SEED, mpt_for_init
+from tests.common import APPLY_WITH_SEED, INIT_SEED, mpt_for_init
 
 WORKER = Path(__file__).with_name('distributed_init_worker.py')
 COMPOSER = Path(sys.executable).with_name('composer')

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import tiny_train_config, write_train_yaml
+from tests.common import tiny_train_config, write_train_yaml
 from wesar_composer.tools.data import DatasetExistsError, DatasetMissingError, build_dataset, require_dataset
 from wesar_composer.tools.data import build as build_lib
 
