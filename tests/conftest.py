@@ -16,8 +16,9 @@ with ``llmfoundry.command_utils.train`` or ``train_from_yaml``::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
