@@ -22,7 +22,8 @@ from collections.abc import Iterable
 from typing import Any, Optional
 
 from torch import nn
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 
 __all__ = ['methods_of_keys', 'check_keys', 'guard_model_loads', 'CheckedLoadPlanner', 'check_sharded_checkpoint']
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from composer.utils import module_surgery
@@ -33,7 +33,7 @@ def reparameterized_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    tensors = dict(module.named_parameters(recurse=False))
+    tensors: dict[str, torch.Tensor] = dict(module.named_parameters(recurse=False))
     tensors.update(module.named_buffers(recurse=False))
     return tensors
 
@@ -105,7 +105,7 @@ def _fold_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args
                 module._export_unembed_factor = float(module.unembed_factor(local))
             except (KeyError, NotImplementedError):
                 module._export_unembed_factor = None  # not a tied head
-    for key in module.FOLDED_KEYS:
+    for key in cast(Reparameterized, module).FOLDED_KEYS:
         state_dict.pop(prefix + key, None)
     return state_dict
 

@@ -29,7 +29,7 @@ __all__ = ['pretrained_model_name', 'resolve_init_mode', 'any_rank']
 
 def pretrained_model_name(model: nn.Module) -> str | None:
     """Class and path of the first ``from_pretrained`` model inside ``model``, or None."""
-    from transformers import PreTrainedModel
+    from transformers.modeling_utils import PreTrainedModel
 
     for module in model.modules():
         if isinstance(module, PreTrainedModel) and not module.training:

@@ -32,7 +32,7 @@ def train_tokenizer(
     Returns the ``GPT2TokenizerFast``. Training is deterministic for the same texts.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2TokenizerFast
+    from transformers.models.gpt2.tokenization_gpt2_fast import GPT2TokenizerFast
 
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f'vocab_size must be an integer >= {MIN_VOCAB_SIZE}, got {vocab_size!r}.')
