@@ -6,26 +6,11 @@ import pytest
 import torch
 from llmfoundry.utils.builders import build_algorithm
 
-from tests.common import SHAPE_130M, llama, mpt
+from tests.common import SHAPE_130M, llama, mpt, table1_std
 from wesar_composer import PaperInit, apply_paper_init, apply_wesar
 from wesar_composer.algorithms.paper_init import ScaledEmbedding
 
 MATRIX_ROLES = {'e', 'q', 'k', 'v', 'o', 'u', 'd', 'p'}
-
-
-def table1_std(role: str, d: int, n: int, backbone: str) -> float:
-    """Table 1 written out (FFN 4d, so W_d has d_in = 4d): He and Small weight stds, no gates."""
-    he = {
-        'e': math.sqrt(1 / d),
-        'q': math.sqrt(1 / d), 'k': math.sqrt(1 / d), 'v': math.sqrt(1 / d),
-        'o': math.sqrt(1 / (2 * n * d)),
-        'u': math.sqrt(1 / d), 'g': math.sqrt(1 / d),
-        'd': math.sqrt(2 / (8 * n * d)),
-        'p': math.sqrt(1 / d),
-    }
-    small = {role: math.sqrt(2 / (5 * d)) for role in he}
-    small.update(o=math.sqrt(2 / (10 * n * d)), d=math.sqrt(2 / (10 * n * d)))
-    return (he if backbone == 'he' else small)[role]
 
 
 def matrices_by_role(model):
@@ -122,7 +107,7 @@ def test_without_embedding_scaling_the_embedding_stays_plain():
     model = mpt(d_model=64, n_heads=2, n_layers=2, vocab_size=256)
     apply_paper_init(model, backbone='he', embedding_scaling=False)
     assert type(model.model.transformer.wte).__name__ == 'SharedEmbedding'
-    assert model.model.transformer.wte.weight.std().item() == pytest.approx(1 / 8, rel=0.05)
+    assert model.model.transformer.wte.weight.std().item() == pytest.approx(table1_std('e', 64, 2, 'he'), rel=0.05)
 
 
 def test_algorithm_from_the_registry():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.common import SHAPE_130M, llama, mpt
+from tests.common import table1_std as paper_table1_std
 from wesar_composer import apply_wesar, gate_table, merge_gates
 from wesar_composer.algorithms.wesar.wesar import GATED_MODULES
 
@@ -15,18 +16,8 @@ ROLES_MHA = {'e', 'q', 'k', 'v', 'o', 'u', 'd', 'p'}
 
 
 def table1_std(role: str, d: int, n: int, backbone: str) -> float:
-    """Virtual std of Table 1, written out per role (FFN 4d); e is sigma under embedding scaling."""
-    he = {
-        'e': SIGMA,
-        'q': math.sqrt(1 / d), 'k': math.sqrt(1 / d), 'v': math.sqrt(1 / d),
-        'o': math.sqrt(1 / (2 * n * d)),
-        'u': math.sqrt(1 / d), 'g': math.sqrt(1 / d),
-        'd': math.sqrt(2 / (8 * n * d)),
-        'p': math.sqrt(1 / d),
-    }
-    small = {role: math.sqrt(2 / (5 * d)) for role in he}
-    small.update(e=SIGMA, o=math.sqrt(2 / (10 * n * d)), d=math.sqrt(2 / (10 * n * d)))
-    return (he if backbone == 'he' else small)[role]
+    """Virtual std of Table 1 (the oracle of tests/common); e is sigma under embedding scaling."""
+    return SIGMA if role == 'e' else paper_table1_std(role, d, n, backbone)
 
 
 def check_table1(rows, d, n, backbone, expected_roles):
@@ -64,7 +55,7 @@ def test_embedding_scaling_gives_unit_variance_residual_stream():
     plain = mpt(d_model=256, vocab_size=4096)
     apply_wesar(plain, embedding_scaling=False)
     # without scaling the gate carries the backbone's embedding std sqrt(1/d)
-    assert plain.model.transformer.wte(tokens).std().item() == pytest.approx(math.sqrt(1 / 256), rel=0.05)
+    assert plain.model.transformer.wte(tokens).std().item() == pytest.approx(paper_table1_std('e', 256, 4, 'he'), rel=0.05)
 
 
 @pytest.mark.parametrize('backbone', ['he', 'small'])
@@ -90,7 +81,7 @@ def test_tied_embedding_has_separate_e_and_p_gates():
     model = apply_wesar(mpt(tie_word_embeddings=True))
     rows = {r['role']: r for r in gate_table(model) if r['role'] in ('e', 'p')}
     assert rows['e']['gate'] == pytest.approx(1.0)
-    assert rows['p']['gate'] == pytest.approx(math.sqrt(1 / 128) / SIGMA, rel=1e-6)
+    assert rows['p']['gate'] == pytest.approx(table1_std('p', 128, 4, 'he') / SIGMA, rel=1e-6)
     wte = model.model.transformer.wte
     assert wte.gate is not wte.unembed_gate
 
