@@ -7,9 +7,10 @@ parameters, gradients and optimizer state plus the step's allocation peak (torch
 
 Variants:
   plain          the ungated model (llm-foundry's init)
-  wesar          the product: GatedLinear with the custom autograd function
+  wesar          the product: the gate rides on the products (ScaledLinearFunction), a * W never formed
+  weight-scaling the previous custom function: a * W formed in forward and again in backward
   wesar-autograd a * W by plain autograd (keeps a * W alive until backward)
-  output-scaling a * (x W^T): scales the activation instead of the weight
+  output-scaling a * (x W^T) by plain autograd (keeps the output for the gate's gradient)
 
 Run: .venv/bin/python benchmarks/wesar_overhead.py [--shape 130m|1.3b] [--device cpu|cuda]
 """
@@ -30,7 +31,7 @@ SHAPES = {
     '130m': dict(d_model=768, n_heads=12, n_layers=12),
     '1.3b': dict(d_model=2048, n_heads=16, n_layers=24),
 }
-VARIANTS = ('plain', 'wesar', 'wesar-autograd', 'output-scaling')
+VARIANTS = ('plain', 'wesar', 'weight-scaling', 'wesar-autograd', 'output-scaling')
 
 
 def build(variant: str, shape: str, seq_len: int, device: str):
@@ -59,6 +60,7 @@ def set_gated_forward(variant: str) -> None:
     """Swap GatedLinear.forward for one of the compared implementations."""
     forwards = {
         'wesar': GatedLinear.forward,
+        'weight-scaling': lambda self, x: _WeightScaled.apply(x, self.weight, self.row_gates(), self.bias),
         'wesar-autograd': lambda self, x: F.linear(x, self.weight * self.row_gates(), self.bias),
         'output-scaling': lambda self, x: _output_scaled(self, x),
     }
@@ -67,6 +69,29 @@ def set_gated_forward(variant: str) -> None:
 
 def _output_scaled(module: GatedLinear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, module.weight, module.bias) * module.row_gates().view(-1)
+
+
+class _WeightScaled(torch.autograd.Function):
+    """The earlier implementation, for comparison: x (g * W)^T with g * W formed in forward and in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, row_gates, bias):
+        ctx.save_for_backward(x, weight, row_gates)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight * row_gates, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, row_gates = ctx.saved_tensors
+        dtype = grad_out.dtype
+        grad_x = grad_out @ (weight * row_gates).to(dtype)
+        flat = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_virtual = (flat.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).to(weight.dtype)
+        grad_g = (grad_virtual * weight).sum(dim=1, keepdim=True)
+        if row_gates.shape[0] == 1:
+            grad_g = grad_g.sum(dim=0, keepdim=True)
+        grad_b = flat.sum(0) if ctx.has_bias else None
+        return grad_x, grad_virtual * row_gates, grad_g, grad_b
 
 
 def step(model, optimizer, batch, device: str, zero_grad: bool = True) -> float:
@@ -89,7 +114,7 @@ def make_batch(batch_size: int, seq_len: int, device: str):
     return {'input_ids': tokens, 'labels': tokens.clone(), 'attention_mask': torch.ones_like(tokens)}
 
 
-def time_side_by_side(args) -> tuple[dict[str, float], dict[str, float]]:
+def time_side_by_side(args) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     variants = ['plain', *args.variants]
     models = {}
     for v in variants:
@@ -111,7 +136,8 @@ def time_side_by_side(args) -> tuple[dict[str, float], dict[str, float]]:
             if v != 'plain':
                 set_gated_forward(v)
             memory[v] = peak_memory(*models[v], batch, args.device)
-    return {v: statistics.median(t) for v, t in times.items()}, memory
+    ratios = {v: statistics.median(t / p for t, p in zip(times[v], times['plain'])) for v in variants}
+    return {v: statistics.median(t) for v, t in times.items()}, ratios, memory
 
 
 def peak_memory(model, optimizer, batch, device: str) -> float:
@@ -158,14 +184,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
 
-    medians, memory = time_side_by_side(args)
+    medians, ratios, memory = time_side_by_side(args)
     tokens = args.batch_size * args.seq_len
     print(
         f'shape {args.shape}, device {args.device}, {tokens} tokens per step, median of {args.steps} interleaved steps'
     )
     print(f'{"variant":<16}{"step s":>10}{"time vs plain":>16}{"peak MiB":>12}{"memory vs plain":>18}')
     for v, t in medians.items():
-        time_ratio = f'{100 * (t / medians["plain"] - 1):+.2f}%'
+        time_ratio = f'{100 * (ratios[v] - 1):+.2f}%'  # median over the interleaved pairs of gated / plain
         mem = f'{memory[v]:12.0f}{100 * (memory[v] / memory["plain"] - 1):+17.2f}%' if memory else ''
         print(f'{v:<16}{t:10.3f}{time_ratio:>16}{mem}')
 
