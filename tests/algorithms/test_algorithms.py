@@ -128,6 +128,7 @@ def test_registry_builds_the_algorithm(settings):
     assert repr(built) == repr(settings.build())
 
 
+@pytest.mark.slow
 def test_llmfoundry_registry_cli_finds_every_algorithm():
     """``llmfoundry registry find algorithms <key>`` for every key, in one process."""
     script = (

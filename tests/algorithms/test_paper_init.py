@@ -135,6 +135,7 @@ def test_applied_twice_or_on_wesar_is_refused():
         apply_paper_init(apply_wesar(mpt(d_model=64, n_heads=2, n_layers=2, vocab_size=256)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('tied', [False, True])
 def test_hf_checkpointer_exports_the_scaling_folded_in(tiny_train_yaml, tmp_path, monkeypatch, tied):
     """llm-foundry's hf_checkpointer on a paper_init run writes a plain MPT with the same logits."""

@@ -31,6 +31,7 @@ def test_the_algorithms_are_registered_for_yamls():
         assert all(f'{k}={v!r}' in repr(algorithm) for k, v in hparams.items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', list(METHODS))
 def test_train_from_yaml(method, tiny_train_yaml, tmp_path, monkeypatch):
     """A few batches of the tiny MPT on the tiny MDS data, two micro-batches a step, with the monitor."""
@@ -71,6 +72,7 @@ def test_train_from_yaml(method, tiny_train_yaml, tmp_path, monkeypatch):
     trainer.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['weight_norm', 'sigma_reparam', 'residual_scaling'])
 def test_hf_checkpointer_exports_the_merged_model(method, tiny_train_yaml, tmp_path, monkeypatch):
     """llm-foundry's hf_checkpointer writes a plain MPT (tied head: logit_scale) with the same logits."""

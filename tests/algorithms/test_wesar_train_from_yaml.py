@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from llmfoundry.command_utils import train_from_yaml
 
 from wesar_composer import gate_table
 from wesar_composer.algorithms.wesar import GatedLinear
+
+pytestmark = pytest.mark.slow  # llm-foundry's train path, and composer -n 2
 
 BIN = Path(sys.executable).parent
 

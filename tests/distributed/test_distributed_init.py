@@ -44,6 +44,7 @@ def eager(method):
     return dict([*model.named_parameters(), *model.named_buffers()])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', list(APPLY_WITH_SEED))
 def test_fsdp2_meta_materialization_gives_every_rank_the_one_process_weights(ranks, method):
     reference = eager(method)

@@ -29,6 +29,7 @@ def results(tmp_path_factory):
     return {name: [json.loads((out / f'{name}-rank{r}.json').read_text()) for r in (0, 1)] for name in ('ddp', 'fsdp')}
 
 
+@pytest.mark.slow
 def test_ddp_both_ranks_log_the_ratios_of_weights_copied_by_hand(results):
     rank0, rank1 = results['ddp']
     assert rank0['world_size'] == 2
@@ -38,6 +39,7 @@ def test_ddp_both_ranks_log_the_ratios_of_weights_copied_by_hand(results):
         assert rank0['logged'][f'update_ratio/{key}'] == pytest.approx(by_hand, rel=1e-5), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['fsdp1', 'fsdp2'])
 def test_sharded_monitor_matches_the_gathered_tensors(results, mode):
     for rank in results['fsdp']:

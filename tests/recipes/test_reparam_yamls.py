@@ -96,6 +96,7 @@ def test_parameter_count_matches_table_6(name):
     assert round(total / 1e6, 1) == millions
 
 
+@pytest.mark.slow
 def test_sigma_reparam_recipe_trains_through_llmfoundry(tiny_mds, tmp_path, monkeypatch):
     """The recipe scaled down to the tiny model and data; everything else as written."""
     monkeypatch.chdir(tmp_path)

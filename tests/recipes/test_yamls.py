@@ -216,6 +216,7 @@ def tiny_overrides(data, tracking_dir):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['wesar-130m-rapid', 'small_init-1.3b-stable'])
 def test_recipe_trains_through_llmfoundry(name, tiny_mds, tmp_path, monkeypatch):
     import mlflow

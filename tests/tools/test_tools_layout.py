@@ -65,6 +65,7 @@ def test_the_library_source_names_no_tools_module():
     assert offenders == []
 
 
+@pytest.mark.slow
 def test_importing_every_library_module_loads_no_tool():
     modules = library_modules()
     assert 'wesar_composer' in modules and 'wesar_composer.callbacks' in modules
@@ -121,6 +122,7 @@ def test_the_console_scripts_point_into_tools():
 # ------------------------------------------------------------------------------ from another folder
 
 
+@pytest.mark.slow
 def test_wesar_demo_writes_its_yaml_into_the_current_folder_and_keeps_an_existing_one(tmp_path):
     done = run([script('wesar-demo'), '--write-yaml', 'demo.yaml'], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -167,6 +169,7 @@ def test_the_users_own_demo_yaml_is_the_one_trained_from_another_folder(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ['my.yaml']  # no MLflow store, no data
 
 
+@pytest.mark.slow
 def test_wesar_plot_reads_and_writes_relative_to_the_current_folder(tmp_path):
     from tests.tools.test_plotting import make_store
 
@@ -179,9 +182,9 @@ def test_wesar_plot_reads_and_writes_relative_to_the_current_folder(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.slow
 def test_wesar_experiments_renders_a_results_folder_and_page_of_the_current_folder(tmp_path):
     from tests.tools.test_experiments import PAGE
-
     from wesar_composer.tools.experiments import METHODS, RESULTS_CSV, tables
 
     (tmp_path / 'results').mkdir()
