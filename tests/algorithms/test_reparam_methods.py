@@ -116,15 +116,16 @@ def test_weight_norm_rows_have_length_g_after_training_and_gradients_are_orthogo
             assert (along.abs() <= 1e-4 * scale + 1e-12).all()
 
 
-def test_weight_norm_custom_backward_matches_autograd():
+@pytest.mark.parametrize('tokens', [(3, 5), (4, 10)])  # fewer and more tokens than inputs: both ways of dL/dx
+def test_weight_norm_custom_backward_matches_autograd(tokens):
     torch.manual_seed(0)
     fast = WeightNormLinear(24, 18, bias=True, weight_std=0.02)
     fast.reset_parameters()
     with torch.no_grad():
         fast.weight_g.mul_(torch.rand_like(fast.weight_g) + 0.5)
         fast.bias.normal_()
-    x = torch.randn(3, 5, 24, requires_grad=True)
-    grad_out = torch.randn(3, 5, 18)
+    x = torch.randn(*tokens, 24, requires_grad=True)
+    grad_out = torch.randn(*tokens, 18)
     fast(x).backward(grad_out)
     v = fast.weight.detach().clone().requires_grad_()
     g = fast.weight_g.detach().clone().requires_grad_()
@@ -222,8 +223,9 @@ def test_sigma_reparam_iterates_once_per_step_and_does_not_differentiate_sigma(m
     gate = m.gate.detach().clone().requires_grad_()
     w_bar = torch.cat([g / s * ws for g, s, ws in zip(gate, m.sn_sigma, w.split(list(m.slice_sizes)))])
     (F.linear(x, w_bar) ** 2).sum().backward()
-    torch.testing.assert_close(m.weight.grad, w.grad, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(m.gate.grad, gate.grad, rtol=1e-5, atol=1e-7)
+    # fp32 rounding relative to the gradients' size (the two orders of products differ in the last bits)
+    torch.testing.assert_close(m.weight.grad, w.grad, rtol=1e-5, atol=1e-6 * w.grad.abs().max().item())
+    torch.testing.assert_close(m.gate.grad, gate.grad, rtol=1e-5, atol=1e-6 * gate.grad.abs().max().item())
     w2 = m.weight.detach().clone().requires_grad_()
     u, v = m.sn_u.split(list(m.slice_sizes)), m.sn_v
     sigma_diff = [ui @ ws @ vi for ui, ws, vi in zip(u, w2.split(list(m.slice_sizes)), v)]

@@ -59,35 +59,47 @@ def weight_norm_weight(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 class _WeightNormLinearFunction(torch.autograd.Function):
-    """y = x W_bar^T + b, W_bar = g v / ||v||, saving x, v, g and the row norms (not W_bar)."""
+    """y = x W_bar^T + b, W_bar = g v / ||v|| row by row, without forming W_bar.
+
+    With s = g / ||v|| per row, y = (x v^T) * s + b (s scales y's columns, in place). Backward,
+    with G = dy^T x: dL/dg = <G_i, v_i> / ||v_i|| (a batched dot product); dL/dv =
+    s * G - (s dL/dg / ||v||) * v, in place on G; dL/dx = dy (s v), scaling the smaller of dy and v.
+    Saves x, v, g and the row norms.
+    """
 
     @staticmethod
     def forward(ctx, x, v, g, bias):
         norms = row_norms(v)
         ctx.save_for_backward(x, v, g, norms)
         ctx.has_bias = bias is not None
-        return F.linear(x, v * (g / norms).to(v.dtype), bias)
+        y = F.linear(x, v)
+        y.mul_((g / norms).reshape(-1).to(y.dtype))
+        if bias is not None:
+            y.add_(bias.to(y.dtype))
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
         x, v, g, norms = ctx.saved_tensors
         need_x, need_v, need_g, need_b = ctx.needs_input_grad
         compute_dtype = grad_out.dtype
-        scale = (g / norms).to(v.dtype)
+        scale = (g / norms).to(v.dtype)  # (rows, 1)
+        flat_out = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_v = grad_g = grad_b = None
         if need_x:
-            grad_x = grad_out @ (v * scale).to(compute_dtype)
+            if flat_out.shape[0] <= v.shape[1]:  # scale whichever of dy and v is smaller
+                grad_x = (grad_out * scale.reshape(-1).to(compute_dtype)) @ v.to(compute_dtype)
+            else:
+                grad_x = grad_out @ (v * scale).to(compute_dtype)
         if need_v or need_g:
-            flat_out = grad_out.reshape(-1, grad_out.shape[-1])
             grad_virtual = (flat_out.t() @ x.reshape(-1, x.shape[-1]).to(compute_dtype)).to(v.dtype)
-            v_hat = v / norms
-            along = (grad_virtual * v_hat).sum(dim=1, keepdim=True)
+            along = torch.bmm(grad_virtual.unsqueeze(1), v.unsqueeze(2)).reshape(-1, 1) / norms  # <G_i, v_hat_i>
             if need_g:
                 grad_g = along.to(g.dtype)
             if need_v:
-                grad_v = scale * (grad_virtual - along * v_hat)
+                grad_v = grad_virtual.mul_(scale).addcmul_(v, scale * along / norms, value=-1)
         if need_b and ctx.has_bias:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            grad_b = flat_out.sum(0)
         return grad_x, grad_v, grad_g, grad_b
 
 
