@@ -96,9 +96,12 @@ def test_the_yamls_ship_as_package_data():
         assert grid.method_part(part).is_file(), part
     with pytest.raises(FileNotFoundError, match="Method part 'nope' not found"):
         grid.method_part('nope')
-    setup = (PACKAGE.parent / 'setup.py').read_text()
-    if "package_data={'wesar_composer.tools': ['yamls/*.yaml', 'yamls/method/*.yaml']}" not in setup:
-        pytest.fail('setup.py ships no yamls of wesar_composer.tools as package data')
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parent / 'pyproject.toml').read_text())
+    package_data = project['tool']['setuptools'].get('package-data', {})
+    if package_data.get('wesar_composer.tools') != ['yamls/*.yaml', 'yamls/method/*.yaml']:
+        pytest.fail('pyproject.toml ships no yamls of wesar_composer.tools as package data')
     # one copy of each YAML: none left in the repository's yamls/ beside the packaged ones
     repo_yamls = PACKAGE.parent / 'yamls'
     assert not (repo_yamls / 'demo' / 'demo.yaml').exists()
