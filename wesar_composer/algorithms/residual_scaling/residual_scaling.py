@@ -71,7 +71,7 @@ class ResidualScaledLinear(Reparameterized, nn.Linear):
             super().reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) * self.residual_scale
+        return F.linear(x, self.weight, self.bias).mul_(self.residual_scale)  # in place: no second activation
 
     def fold_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         folded = {'weight': tensors['weight'] * self.residual_scale}
