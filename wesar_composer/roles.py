@@ -21,8 +21,9 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, cast
 
+import torch
 from torch import nn
 
 ROLES = ('e', 'q', 'k', 'v', 'o', 'u', 'g', 'd', 'p')
@@ -67,7 +68,7 @@ class MatrixSpec:
 
     @property
     def d_in(self) -> int:
-        return self.module.weight.shape[1]
+        return cast(torch.Tensor, self.module.weight).shape[1]
 
     @property
     def is_embedding(self) -> bool:
@@ -223,14 +224,14 @@ def fused_qkv_sizes(name: str, module: nn.Module, attention: nn.Module) -> tuple
     llm-foundry's attention modules carry ``n_heads``, ``kv_n_heads`` and ``head_dim``; with
     GQA, k and v are narrower than q. Without ``kv_n_heads`` the three slices are equal.
     """
-    rows = module.weight.shape[0]
+    rows = cast(torch.Tensor, module.weight).shape[0]
     n_heads = getattr(attention, 'n_heads', None)
     head_dim = getattr(attention, 'head_dim', None)
     kv_heads = getattr(attention, 'kv_n_heads', n_heads)
     if n_heads and head_dim and kv_heads and (n_heads + 2 * kv_heads) * head_dim == rows:
         return (n_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
     if rows % 3 == 0 and n_heads is None:
-        return (rows // 3,) * 3
+        return cast(tuple[int, int, int], (rows // 3,) * 3)
     raise ValueError(
         f'{name}: cannot split {rows} fused rows into q, k, v from its attention module '
         f'(n_heads={n_heads}, kv_n_heads={kv_heads}, head_dim={head_dim}).',
