@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 from composer.core import Callback, State, TimeUnit
 from composer.loggers import Logger
@@ -491,7 +491,7 @@ def run_demo(
         except KeyError as err:  # e.g. a run shorter than the monitor's log_interval
             _say(f'pictures left out: {err.args[0]}')
 
-    resolved = om.to_container(cfg, resolve=True)
+    resolved = cast(dict[str, Any], om.to_container(cfg, resolve=True))
     cfg_summary = {
         'd_model': resolved['model']['d_model'],
         'n_layers': resolved['model']['n_layers'],

@@ -30,7 +30,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, cast
 
 LOSS_KEY = 'loss/train/total'
 LAYERED_ROLES = ('q', 'k', 'v', 'o', 'g', 'u', 'd')
@@ -377,7 +377,7 @@ def plot_runs(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='wesar-plot', description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(prog='wesar-plot', description=cast(str, __doc__).split('\n\n')[0])
     parser.add_argument(
         '--tracking-uri',
         default=os.environ.get('MLFLOW_TRACKING_URI', './mlruns'),

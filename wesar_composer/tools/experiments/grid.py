@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 __all__ = [
     'METHODS',
@@ -203,7 +203,7 @@ def _method_algorithms(method: str) -> dict[str, Any]:
     from omegaconf import OmegaConf as om
 
     with method_part(METHODS[method][1]).open() as f:
-        part = om.to_container(om.load(f))['algorithms']
+        part = cast(dict[str, Any], om.to_container(om.load(f)))['algorithms']
     return {'gradient_clipping': '${variables.clipping}', 'z_loss': '${variables.z_loss}', **part}
 
 
@@ -225,7 +225,7 @@ def build_config(
     s = run_settings(spec, scale)
     shape = shapes[spec.shape]
     cfg = demo.load_config(demo_yaml, [])
-    container = om.to_container(cfg, resolve=False)
+    container = cast(dict[str, Any], om.to_container(cfg, resolve=False))
     container['variables'].update(
         {
             'data_root': data_root,

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 from composer.core import Callback, State
 from composer.loggers import Logger
@@ -76,7 +76,7 @@ def diverged(val_loss: float, losses: Sequence[Optional[float]]) -> bool:
     lower than at the first batch."""
     if not math.isfinite(val_loss) or not losses or any(x is None for x in losses):
         return True
-    return statistics.fmean(losses[-10:]) >= losses[0]
+    return statistics.fmean(losses[-10:]) >= cast(float, losses[0])  # no None left (checked above)
 
 
 def _init_worker(threads: int) -> None:
