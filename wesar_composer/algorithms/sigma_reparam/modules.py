@@ -140,7 +140,9 @@ class SigmaReparamLinear(Reparameterized, _SpectralNorm, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._maybe_iterate()
-        return cast(torch.Tensor, ScaledLinearFunction.apply(x, self.weight, self.slice_scales(), self.bias, self.slice_sizes))
+        return cast(
+            torch.Tensor, ScaledLinearFunction.apply(x, self.weight, self.slice_scales(), self.bias, self.slice_sizes)
+        )
 
     def fold_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         weight = tensors['weight']
@@ -197,7 +199,9 @@ class SigmaReparamEmbedding(Reparameterized, _SpectralNorm, SharedEmbedding):
                 raise RuntimeError('This embedding is not tied to a prediction head (no unembed_gate).')
             return cast(
                 torch.Tensor,
-                ScaledLinearFunction.apply(input, self.weight, self.unembed_gate / self._sigma(), None, self.slice_sizes),
+                ScaledLinearFunction.apply(
+                    input, self.weight, self.unembed_gate / self._sigma(), None, self.slice_sizes
+                ),
             )
         out = F.embedding(input, self.weight, self.padding_idx)
         return out * (self.gate / self._sigma() * self.output_scale)
