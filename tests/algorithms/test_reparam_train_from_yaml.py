@@ -10,6 +10,7 @@ from composer.loggers import InMemoryLogger
 from llmfoundry.command_utils import train_from_yaml
 from llmfoundry.utils.builders import build_algorithm
 
+from tests.common.callbacks import FIRST_BATCH_LOSS, first_batch_loss, register_first_batch_loss
 from wesar_composer import ResidualScaling, SigmaReparam, WeightNorm
 from wesar_composer.algorithms.residual_scaling import ResidualScaledLinear
 from wesar_composer.algorithms.sigma_reparam import SigmaReparamEmbedding, SigmaReparamLinear
@@ -40,9 +41,10 @@ def test_train_from_yaml(method, tiny_train_yaml, tmp_path, monkeypatch):
     original = SigmaReparamLinear.power_iteration
     monkeypatch.setattr(SigmaReparamLinear, 'power_iteration', lambda self: (iterations.append(self), original(self)))
     monkeypatch.chdir(tmp_path)
+    register_first_batch_loss()
     path = tiny_train_yaml(
         algorithms={method: hparams},
-        callbacks={'update_ratio_monitor': {'log_interval': 1, 'families': 'all', 'layers': 'all'}},
+        callbacks={'update_ratio_monitor': {'log_interval': 1, 'families': 'all', 'layers': 'all'}, FIRST_BATCH_LOSS: {}},
         loggers={'inmemory': {}},
         max_duration='3ba',
         eval_interval='3ba',
@@ -54,6 +56,8 @@ def test_train_from_yaml(method, tiny_train_yaml, tmp_path, monkeypatch):
     assert int(trainer.state.timestamp.batch) == 3
     loss = trainer.state.loss.item()
     assert math.isfinite(loss) and 0 < loss < 7.0  # log(512) = 6.24 at uniform prediction
+    seen = first_batch_loss(trainer)  # the same batch under the initial and the trained weights: training lowered it
+    assert seen.after < seen.before - 5e-3, (seen.before, seen.after)  # 0.017 to 0.057 here
     logged = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger)).data
     assert {'update_ratio/L1/d', 'update_ratio/L1/u', 'update_ratio/L0/q', 'update_ratio/e', 'update_ratio/p'} <= set(logged)
     ratios = [ratio for _, ratio in logged['update_ratio/L1/d']]
