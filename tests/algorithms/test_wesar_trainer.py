@@ -10,7 +10,7 @@ from wesar_composer import WeSaR, gate_table
 from wesar_composer.algorithms.wesar import GatedLinear
 
 
-def trainer(model, duration='8ba', **kwargs):
+def trainer(model, duration='2ba', **kwargs):
     optimizer = DecoupledAdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=1e-5)
     return Trainer(
         model=model,

@@ -177,6 +177,7 @@ def test_the_table_reaches_mlflow_and_wesar_plot_draws_it(full_view_run, tmp_pat
     assert height > 200 and width > 500
 
 
+@pytest.mark.slow  # a 34-batch run
 def test_matrices_not_logged_as_metrics_are_still_named():
     """Default layers [0, -1]: the middle layer has no metrics, but its jump is named, with the ratios of the step."""
     monitor = UpdateRatioMonitor(log_interval=1, history=HISTORY)  # defaults otherwise
