@@ -78,9 +78,9 @@ def test_composer_launches_two_processes_with_ddp(tiny_train_yaml, tmp_path):
     """`composer -n 2 llmfoundry train <yaml>` on CPU: DDP over gloo, WeSaR applied on every rank."""
     path = tiny_train_yaml(
         algorithms={'wesar': {}},
-        max_duration='4ba',
+        max_duration='2ba',
         save_folder=str(tmp_path / 'ckpt'),
-        save_interval='4ba',
+        save_interval='2ba',
         save_filename='ba{batch}-rank{rank}.pt',
         save_weights_only=True,
         fsdp_config=None,
@@ -92,8 +92,8 @@ def test_composer_launches_two_processes_with_ddp(tiny_train_yaml, tmp_path):
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    checkpoints = sorted((tmp_path / 'ckpt').glob('ba4-rank*.pt'))
-    assert [c.name for c in checkpoints] == ['ba4-rank0.pt']
+    checkpoints = sorted((tmp_path / 'ckpt').glob('ba2-rank*.pt'))
+    assert [c.name for c in checkpoints] == ['ba2-rank0.pt']
     state = torch.load(checkpoints[0], map_location='cpu', weights_only=False)
     model_state = state['state']['model']
     gates = {k: v for k, v in model_state.items() if k.endswith('.gate')}

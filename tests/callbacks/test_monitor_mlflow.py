@@ -1,8 +1,6 @@
 """The monitor's keys through llm-foundry's train path into an MLflow file store, and wesar-plot on them."""
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,6 @@ from wesar_composer.tools.plotting import load_runs, main
 
 STEPS = 6
 RUNS = {'baseline': {}, 'wesar': {'wesar': {}}}  # run name -> algorithms
-PLOT = Path(sys.executable).with_name('wesar-plot')
 
 
 @pytest.fixture(scope='module')
@@ -73,15 +70,14 @@ def test_metrics_read_back_from_the_mlflow_file_store(store):
 
 
 @pytest.mark.slow
-def test_wesar_plot_draws_the_three_pictures(store, tmp_path):
+def test_wesar_plot_draws_the_three_pictures(store, tmp_path, capsys):
+    """wesar-plot's main in this process (the console script itself: tests/tools/test_tools_layout.py)."""
     path, _ = store
     out = tmp_path / 'plots'
-    proc = subprocess.run(
-        [str(PLOT), '--tracking-uri', str(path), '--runs', 'baseline', 'wesar', '--out', str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    written = [Path(line) for line in proc.stdout.split()]
+    rc = main(['--tracking-uri', str(path), '--runs', 'baseline', 'wesar', '--out', str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    written = [Path(line) for line in printed.out.split()]
     assert [p.name for p in written] == ['update_ratio_L1.png', 'param_norm_L1.png', 'update_ratio_heatmap.png']
     import matplotlib.image
 

@@ -126,15 +126,16 @@ def test_the_console_scripts_point_into_tools():
 
 
 @pytest.mark.slow
-def test_wesar_demo_writes_its_yaml_into_the_current_folder_and_keeps_an_existing_one(tmp_path):
+def test_wesar_demo_writes_its_yaml_into_the_current_folder_and_keeps_an_existing_one(tmp_path, monkeypatch, capsys):
     done = run([script('wesar-demo'), '--write-yaml', 'demo.yaml'], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     written = tmp_path / 'demo.yaml'
     assert written.read_text() == demo.demo_yaml().read_text()
     assert 'code_paths' not in __import__('yaml').safe_load(written.read_text())  # the check is an entry point
     written.write_text('# mine\n' + written.read_text())
-    again = run([script('wesar-demo'), '--write-yaml', 'demo.yaml'], cwd=tmp_path)
-    assert again.returncode == 2 and 'not overwritten' in again.stderr
+    monkeypatch.chdir(tmp_path)  # the console script's main, in this process: one launch of it above is enough
+    assert demo.main(['--write-yaml', 'demo.yaml']) == 2
+    assert 'not overwritten' in capsys.readouterr().err
     assert written.read_text().startswith('# mine\n')
     for name in ('wesar-data', 'wesar-plot'):  # the light ones; the others import composer
         shown = run([script(name), '--help'], cwd=tmp_path)
@@ -186,7 +187,7 @@ def test_wesar_plot_reads_and_writes_relative_to_the_current_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_wesar_experiments_renders_a_results_folder_and_page_of_the_current_folder(tmp_path):
+def test_wesar_experiments_renders_a_results_folder_and_page_of_the_current_folder(tmp_path, monkeypatch, capsys):
     from tests.tools.test_experiments import PAGE
     from wesar_composer.tools.experiments import METHODS, RESULTS_CSV, tables
 
@@ -202,5 +203,8 @@ def test_wesar_experiments_renders_a_results_folder_and_page_of_the_current_fold
     assert done.returncode == 0, done.stderr[-2000:]
     assert '| WeSaR | 4.600 ± 0.141 |' in (tmp_path / 'page.md').read_text()
     assert (tmp_path / 'results' / 'figures' / 'loss_base.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    refused = run([script('wesar-experiments'), '--render', 'results', '--yaml', 'nope.yaml'], cwd=tmp_path)
-    assert refused.returncode == 2 and "--yaml 'nope.yaml' does not exist" in refused.stderr
+    from wesar_composer.tools.experiments.cli import main as experiments_main
+
+    monkeypatch.chdir(tmp_path)  # the console script's main, in this process: one launch of it above is enough
+    assert experiments_main(['--render', 'results', '--yaml', 'nope.yaml']) == 2
+    assert "--yaml 'nope.yaml' does not exist" in capsys.readouterr().err
