@@ -1,6 +1,6 @@
 """Worker for test_fsdp2_train.py: llm-foundry's ``train_from_yaml`` with a recorder callback.
 
-``python THIS_FILE YAML OUT_DIR`` (one process) or ``composer -n 2 THIS_FILE YAML OUT_DIR``
+``main(YAML, OUT_DIR)`` in the test process (one process) or ``composer -n 2 THIS_FILE YAML OUT_DIR``
 (with ``FSDP_VERSION=2`` and an ``fsdp_config`` in the YAML: Composer's FSDP2 over gloo on CPU).
 The recorder writes the loss of every batch on every rank, and rank 0 writes the whole
 parameters of the trained model (gathered from the shards) and what the update-ratio

@@ -38,15 +38,24 @@ def free_port() -> int:
 def run(yaml_path: Path, out: Path, world: int, expect_ok: bool = True) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'FSDP_VERSION': '2', 'COMPOSER_DEVICE': 'cpu'}
-    if world == 1:
-        cmd = [sys.executable, str(WORKER), str(yaml_path), str(out)]
-    else:
-        cmd = [str(BIN / 'composer'), '-n', str(world), '--master_port', str(free_port()), str(WORKER),
-               str(yaml_path), str(out)]
+    cmd = [str(BIN / 'composer'), '-n', str(world), '--master_port', str(free_port()), str(WORKER),
+           str(yaml_path), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500, env=env, cwd=out)
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def run_here(yaml_path: Path, out: Path) -> None:
+    """The one-process reference run: the same worker's main, in this process (no interpreter to start)."""
+    from tests.distributed import distributed_train_worker
+
+    out.mkdir(parents=True, exist_ok=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(out)
+        patch.setenv('FSDP_VERSION', '2')
+        patch.setenv('COMPOSER_DEVICE', 'cpu')
+        distributed_train_worker.main(str(yaml_path), str(out))
 
 
 @pytest.fixture(scope='module')
@@ -67,7 +76,7 @@ def wesar_runs(tiny_mds, tmp_path_factory):
         return write_train_yaml(cfg, root / f'{name}.yaml')
 
     single = root / 'single'
-    run(make('single'), single, world=1)
+    run_here(make('single'), single)
     sharded = root / 'sharded'
     run(make('sharded', fsdp_config=FSDP, save_folder=str(root / 'ckpt'), save_interval='3ba'), sharded, world=2)
     return {'root': root, 'make': make, 'single': single, 'sharded': sharded}
