@@ -136,13 +136,16 @@ def test_meta_device_model_materializes_with_wesar_init():
     assert all(torch.all(w == 1.0) for w in norms)  # other modules keep llm-foundry's init
 
 
-@pytest.mark.parametrize('rows', [1, 6])
+# (tokens, d_in, d_out): the output, the input and the weight are in turn the smallest operand to scale
+@pytest.mark.parametrize('tokens, d_in, d_out', [((2, 3), 8, 6), ((2, 3), 4, 8), ((4, 5), 4, 6)])
+@pytest.mark.parametrize('split', ['one', 'halves', 'rows'])
 @pytest.mark.parametrize('bias', [True, False])
-def test_gated_linear_backward_matches_autograd(rows, bias):
-    """The custom backward (g * W recomputed, not saved) against finite differences."""
+def test_gated_linear_backward_matches_autograd(tokens, d_in, d_out, split, bias):
+    """The custom backward (the scale on the smallest operand, dot products for the gates) against finite differences."""
     from wesar_composer.reparam.modules import ScaledLinearFunction
 
-    generator = torch.Generator().manual_seed(rows)
+    slices = {'one': (d_out,), 'halves': (d_out // 2, d_out - d_out // 2), 'rows': (1,) * d_out}[split]
+    generator = torch.Generator().manual_seed(d_out + len(slices))
     make = lambda *shape: torch.randn(*shape, dtype=torch.double, generator=generator).requires_grad_()
-    inputs = (make(2, 3, 4), make(6, 4), make(rows, 1), make(6) if bias else None)
+    inputs = (make(*tokens, d_in), make(d_out, d_in), make(len(slices)), make(d_out) if bias else None, slices)
     assert torch.autograd.gradcheck(ScaledLinearFunction.apply, inputs)

@@ -67,19 +67,18 @@ def _columns(scales: torch.Tensor, slice_sizes: Sequence[int]) -> torch.Tensor:
 
 
 class ScaledLinearFunction(torch.autograd.Function):
-    """y = x (s W)^T + b with one scale per row slice of W, without ever forming s * W.
+    """y = x (s W)^T + b with one scale per row slice of W, scaling the smallest operand each time.
 
-    The scale rides on the products, in place on tensors the layer makes anyway:
+    s * W is one of three products that give the same result: (s x) W^T, x (s W)^T and
+    (x W^T) s, with s scaling the input, the weight, or the output (in place). Each product
+    picks the smallest of these (x is T x d_in, W d_out x d_in, y T x d_out for T tokens; a
+    per-slice s cannot scale x); backward does the same for dL/dx = dy (s W), and:
 
-    - forward: y = (x W^T) * s + b, s multiplying y's columns;
-    - backward, with G = dy^T x (the gradient of the virtual weight s W, needed in any case):
-      dL/ds = <G_slice, W_slice> per slice (a dot product, no temporary);
-      dL/dW = s * G (in place on G);
-      dL/dx = (dy W) * s for one scale (in place), (dy * s) W for several.
+    - dL/dW = s * G in place on G = dy^T x (the virtual weight's gradient, needed in any case);
+    - dL/ds = <G_slice, W_slice> per slice (a dot product, no temporary).
 
     Only x, W and s are saved. Matmuls run in the dtype of dy (the autocast dtype when the
-    forward ran under autocast); dL/ds is accumulated in the dtype of W. WeSaR's gates and
-    sigma-Reparam's a / sigma are such a scale.
+    forward ran under autocast). WeSaR's gates and sigma-Reparam's a / sigma are such a scale.
     """
 
     @staticmethod
@@ -87,11 +86,17 @@ class ScaledLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, scales)
         ctx.slice_sizes = tuple(slice_sizes)
         ctx.has_bias = bias is not None
-        y = F.linear(x, weight)
-        y.mul_(_columns(scales, ctx.slice_sizes).to(y.dtype))
-        if bias is not None:
-            y.add_(bias.to(y.dtype))
-        return y
+        tokens, (d_out, d_in) = x.numel() // x.shape[-1], weight.shape
+        one = len(ctx.slice_sizes) == 1
+        sizes = {'y': tokens * d_out, 'w': d_out * d_in, 'x': tokens * d_in if one else float('inf')}
+        smallest = min(sizes, key=sizes.__getitem__)
+        if smallest == 'y':
+            y = F.linear(x, weight)
+            y.mul_(_columns(scales, ctx.slice_sizes).to(y.dtype))
+            return y if bias is None else y.add_(bias.to(y.dtype))
+        if smallest == 'x':
+            return F.linear(x * scales.to(x.dtype), weight, bias)
+        return F.linear(x, weight * expand_rows(scales, ctx.slice_sizes).to(weight.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -99,15 +104,20 @@ class ScaledLinearFunction(torch.autograd.Function):
         sizes = ctx.slice_sizes
         need_x, need_w, need_s, need_b = ctx.needs_input_grad[:4]
         compute_dtype = grad_out.dtype
+        flat_out = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_w = grad_s = grad_b = None
         if need_x:
-            w = weight.to(compute_dtype)
-            if len(sizes) == 1:
-                grad_x = (grad_out @ w).mul_(scales.to(compute_dtype))
+            tokens, (d_out, d_in) = flat_out.shape[0], weight.shape
+            one = len(sizes) == 1
+            options = {'dx': tokens * d_in if one else float('inf'), 'dy': tokens * d_out, 'w': d_out * d_in}
+            smallest = min(options, key=options.__getitem__)
+            if smallest == 'dx':
+                grad_x = (grad_out @ weight.to(compute_dtype)).mul_(scales.to(compute_dtype))
+            elif smallest == 'dy':
+                grad_x = (grad_out * _columns(scales, sizes).to(compute_dtype)) @ weight.to(compute_dtype)
             else:
-                grad_x = (grad_out * _columns(scales, sizes).to(compute_dtype)) @ w
+                grad_x = grad_out @ (weight * expand_rows(scales, sizes).to(weight.dtype)).to(compute_dtype)
         if need_w or need_s:
-            flat_out = grad_out.reshape(-1, grad_out.shape[-1])
             grad_virtual = (flat_out.t() @ x.reshape(-1, x.shape[-1]).to(compute_dtype)).to(weight.dtype)
             if need_s:
                 pairs = zip(grad_virtual.split(list(sizes)), weight.split(list(sizes)))
@@ -116,7 +126,7 @@ class ScaledLinearFunction(torch.autograd.Function):
             if need_w:
                 grad_w = grad_virtual.mul_(expand_rows(scales, sizes).to(grad_virtual.dtype))
         if need_b and ctx.has_bias:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            grad_b = flat_out.sum(0)
         return grad_x, grad_w, grad_s, grad_b, None
 
 
