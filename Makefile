@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` (main job) and `make test` (test suite).
+# The two commands of the README: `make demo` (main job) and `make test` (lint, types, test suite).
 # Each creates .venv and installs the package into it on first use.
 PYTHON ?= python3
 VENV := .venv
@@ -7,12 +7,25 @@ INSTALLED := $(VENV)/.installed
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade --quiet pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $(INSTALLED)
 
-.PHONY: demo test
+.PHONY: demo test test-fast lint format
 demo: $(INSTALLED)
 	$(VENV)/bin/wesar-demo
 
-test: $(INSTALLED)
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright
+
+format: $(INSTALLED)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
 	$(VENV)/bin/python -m pytest -q tests
+
+# The fast loop: everything but the integration runs (llm-foundry train path, several processes).
+test-fast: $(INSTALLED)
+	$(VENV)/bin/python -m pytest -q -m 'not slow' tests

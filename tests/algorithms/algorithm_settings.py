@@ -65,9 +65,15 @@ SETTINGS: dict[str, AlgorithmSettings] = {
             extra_state_keys=frozenset({'gate'}),
             tied_extra_state_keys=frozenset({'gate', 'unembed_gate'}),
             kwargs={'sigma_squared': 4e-5},
-            bad_kwargs=(('trainable_gates', 'yes'), ('embedding_scaling', 'false'), ('role_map', [1]),
-                        ('backbone', 'xavier'), ('sigma_squared', '4e-5'), ('gate_weight_decay', -1.0),
-                        ('init_mode', 'keep')),
+            bad_kwargs=(
+                ('trainable_gates', 'yes'),
+                ('embedding_scaling', 'false'),
+                ('role_map', [1]),
+                ('backbone', 'xavier'),
+                ('sigma_squared', '4e-5'),
+                ('gate_weight_decay', -1.0),
+                ('init_mode', 'keep'),
+            ),
         ),
         AlgorithmSettings(
             key='paper_init',
@@ -85,8 +91,12 @@ SETTINGS: dict[str, AlgorithmSettings] = {
             extra_state_keys=frozenset({'weight_g'}),
             tied_extra_state_keys=frozenset({'weight_g'}),
             kwargs={'sigma_squared': 1.6e-4},
-            bad_kwargs=(('embedding_scaling', 0), ('sigma_squared', 0.0), ('gain_weight_decay', 'none'),
-                        ('role_map', 'x')),
+            bad_kwargs=(
+                ('embedding_scaling', 0),
+                ('sigma_squared', 0.0),
+                ('gain_weight_decay', 'none'),
+                ('role_map', 'x'),
+            ),
         ),
         AlgorithmSettings(
             key='sigma_reparam',

@@ -98,12 +98,19 @@ def _assert_same(a, b, path='state'):
 def test_algorithm_resumption(settings, tmp_path):
     """A checkpoint every batch; resumed from batch 1, the batch-2 checkpoint equals the uninterrupted one."""
     filename = 'ep{epoch}-ba{batch}-rank{rank}.pt'
-    first = trainer_for(settings, max_duration='2ba', save_folder=str(tmp_path / 'first'), save_interval='1ba',
-                        save_filename=filename)
+    first = trainer_for(
+        settings, max_duration='2ba', save_folder=str(tmp_path / 'first'), save_interval='1ba', save_filename=filename
+    )
     first.fit()
     first.close()
-    resumed = trainer_for(settings, max_duration='2ba', save_folder=str(tmp_path / 'resumed'), save_interval='1ba',
-                          save_filename=filename, load_path=str(tmp_path / 'first' / 'ep0-ba1-rank0.pt'))
+    resumed = trainer_for(
+        settings,
+        max_duration='2ba',
+        save_folder=str(tmp_path / 'resumed'),
+        save_interval='1ba',
+        save_filename=filename,
+        load_path=str(tmp_path / 'first' / 'ep0-ba1-rank0.pt'),
+    )
     resumed.fit()
     resumed.close()
     a = torch.load(tmp_path / 'first' / 'ep0-ba2-rank0.pt', map_location='cpu', weights_only=False)['state']
@@ -271,8 +278,15 @@ def test_unknown_key_lists_the_valid_ones(settings):
 def test_unknown_key_message_names_the_valid_keys_of_wesar():
     with pytest.raises(TypeError) as info:
         WeSaR(sigma=1e-4)
-    for key in ('sigma_squared', 'backbone', 'trainable_gates', 'gate_weight_decay', 'embedding_scaling', 'role_map',
-                'init_mode'):
+    for key in (
+        'sigma_squared',
+        'backbone',
+        'trainable_gates',
+        'gate_weight_decay',
+        'embedding_scaling',
+        'role_map',
+        'init_mode',
+    ):
         assert key in str(info.value)
 
 

@@ -16,8 +16,17 @@ MATRIX_ROLES = {'e', 'q', 'k', 'v', 'o', 'u', 'd', 'p'}
 def matrices_by_role(model):
     """(name, role, layer, weight slice) for every matrix of an MPT or Llama model, by module name."""
     names = {
-        'wte': 'e', 'embed_tokens': 'e', 'out_proj': 'o', 'o_proj': 'o', 'up_proj': 'u', 'gate_proj': 'g',
-        'down_proj': 'd', 'lm_head': 'p', 'q_proj': 'q', 'k_proj': 'k', 'v_proj': 'v',
+        'wte': 'e',
+        'embed_tokens': 'e',
+        'out_proj': 'o',
+        'o_proj': 'o',
+        'up_proj': 'u',
+        'gate_proj': 'g',
+        'down_proj': 'd',
+        'lm_head': 'p',
+        'q_proj': 'q',
+        'k_proj': 'k',
+        'v_proj': 'v',
     }
     rows = []
     for name, module in model.named_modules():
@@ -99,8 +108,9 @@ def test_llama_glu_gqa_model(tmp_path, backbone):
     with torch.no_grad():
         out = embedding(torch.arange(512))
     assert out.std().item() == pytest.approx(1.0, rel=0.06)
-    assert torch.isfinite(model(
-        {'input_ids': torch.randint(0, 512, (2, 16)), 'labels': torch.randint(0, 512, (2, 16))}).loss)
+    assert torch.isfinite(
+        model({'input_ids': torch.randint(0, 512, (2, 16)), 'labels': torch.randint(0, 512, (2, 16))}).loss
+    )
 
 
 def test_without_embedding_scaling_the_embedding_stays_plain():
@@ -145,7 +155,9 @@ def test_hf_checkpointer_exports_the_scaling_folded_in(tiny_train_yaml, tmp_path
     monkeypatch.chdir(tmp_path)
     path = tiny_train_yaml(
         algorithms={'paper_init': {'backbone': 'small'}},
-        callbacks={'hf_checkpointer': {'save_folder': str(tmp_path / 'hf'), 'save_interval': '2ba', 'precision': 'float32'}},
+        callbacks={
+            'hf_checkpointer': {'save_folder': str(tmp_path / 'hf'), 'save_interval': '2ba', 'precision': 'float32'}
+        },
         max_duration='2ba',
         model={'tie_word_embeddings': tied},
     )
@@ -163,5 +175,5 @@ def test_hf_checkpointer_exports_the_scaling_folded_in(tiny_train_yaml, tmp_path
 
 
 def test_backbone_passed_where_the_optimizers_go_is_refused():
-    with pytest.raises(ValueError, match="pass hyperparameters by keyword"):
+    with pytest.raises(ValueError, match='pass hyperparameters by keyword'):
         apply_paper_init(mpt(d_model=64, n_heads=2, n_layers=2, vocab_size=256), 'he')

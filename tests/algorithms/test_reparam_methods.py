@@ -36,7 +36,11 @@ from wesar_composer.algorithms.weight_norm import WeightNormEmbedding, WeightNor
 from wesar_composer.algorithms.weight_norm.modules import row_norms
 
 TINY = dict(d_model=64, n_heads=4, n_layers=3, vocab_size=256, max_seq_len=32)
-APPLY = {'weight_norm': apply_weight_norm, 'sigma_reparam': apply_sigma_reparam, 'residual_scaling': apply_residual_scaling}
+APPLY = {
+    'weight_norm': apply_weight_norm,
+    'sigma_reparam': apply_sigma_reparam,
+    'residual_scaling': apply_residual_scaling,
+}
 
 
 def tiny(seed=0, **kwargs):
@@ -96,7 +100,9 @@ def test_weight_norm_is_the_plain_model_at_init():
     state = {k: v for k, v in model.model.state_dict().items() if not k.endswith('weight_g')}
     state['transformer.wte.weight'] = state['transformer.wte.weight'] / sigma
     tokens = batch_of()['input_ids']
-    torch.testing.assert_close(logits(model.eval(), tokens), logits(plain_with(model, state), tokens), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        logits(model.eval(), tokens), logits(plain_with(model, state), tokens), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_weight_norm_rows_have_length_g_after_training_and_gradients_are_orthogonal():
@@ -132,7 +138,12 @@ def test_weight_norm_custom_backward_matches_autograd(tokens):
     b = fast.bias.detach().clone().requires_grad_()
     x2 = x.detach().clone().requires_grad_()
     F.linear(x2, torch._weight_norm(v, g, 0), b).backward(grad_out)  # torch's own weight norm, plain autograd
-    for ours, theirs in ((x.grad, x2.grad), (fast.weight.grad, v.grad), (fast.weight_g.grad, g.grad), (fast.bias.grad, b.grad)):
+    for ours, theirs in (
+        (x.grad, x2.grad),
+        (fast.weight.grad, v.grad),
+        (fast.weight_g.grad, g.grad),
+        (fast.bias.grad, b.grad),
+    ):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
@@ -169,11 +180,16 @@ def test_sigma_reparam_at_init_every_matrix_has_spectral_norm_one():
         if isinstance(m, SigmaReparamLinear):
             state[f'{name}.weight'] = m.virtual_weight().detach()
         elif isinstance(m, SigmaReparamEmbedding):
-            state[f'{name}.weight'] = m.weight.detach() / torch.linalg.matrix_norm(m.weight.detach(), ord=2) * (
-                math.sqrt(TINY['vocab_size']) + math.sqrt(TINY['d_model']))
+            state[f'{name}.weight'] = (
+                m.weight.detach()
+                / torch.linalg.matrix_norm(m.weight.detach(), ord=2)
+                * (math.sqrt(TINY['vocab_size']) + math.sqrt(TINY['d_model']))
+            )
     state.update({k: v for k, v in model.model.state_dict().items() if 'norm' in k and k.endswith('weight')})
     tokens = batch_of()['input_ids']
-    torch.testing.assert_close(logits(model.eval(), tokens), logits(plain_with(model, state), tokens), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        logits(model.eval(), tokens), logits(plain_with(model, state), tokens), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_power_iteration_estimate_converges_to_the_spectral_norm_from_below():
@@ -239,11 +255,21 @@ def test_sigma_reparam_on_a_post_ln_decoder():
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
-    config = OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
-                       max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=False)
+    config = OPTConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=128,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+        do_layer_norm_before=False,
+    )
     model = OPTForCausalLM(config)
     apply_sigma_reparam(model, role_map={r'\.fc1$': 'u', r'\.fc2$': 'd'})
-    roles = sorted(r for m in model.modules() if isinstance(m, (SigmaReparamLinear, SigmaReparamEmbedding)) for r in m.roles)
+    roles = sorted(
+        r for m in model.modules() if isinstance(m, (SigmaReparamLinear, SigmaReparamEmbedding)) for r in m.roles
+    )
     assert roles == sorted('e' + 'qkvoud' * 2 + 'p')
     tokens = torch.randint(0, 128, (2, 16))
     request_power_iteration(model)
@@ -265,8 +291,10 @@ def test_residual_scaling_is_paper_init_at_init_with_the_scale_in_the_forward(ba
     torch.testing.assert_close(logits(model.eval(), tokens), logits(reference.eval(), tokens), rtol=1e-5, atol=2e-6)
     scaled = {n_: m for n_, m in model.model.named_modules() if isinstance(m, ResidualScaledLinear)}
     assert sorted(n_.rpartition('.')[2] for n_ in scaled) == sorted(['out_proj', 'down_proj'] * n)
-    expected_std = {'small': {'out_proj': math.sqrt(2 / (5 * d)), 'down_proj': math.sqrt(2 / (5 * d))},
-                    'he': {'out_proj': math.sqrt(1 / d), 'down_proj': math.sqrt(2 / (4 * d))}}[backbone]
+    expected_std = {
+        'small': {'out_proj': math.sqrt(2 / (5 * d)), 'down_proj': math.sqrt(2 / (5 * d))},
+        'he': {'out_proj': math.sqrt(1 / d), 'down_proj': math.sqrt(2 / (4 * d))},
+    }[backbone]
     for name, m in scaled.items():
         assert m.residual_scale == pytest.approx(1 / math.sqrt(2 * n))
         assert m.weight.std().item() == pytest.approx(expected_std[name.rpartition('.')[2]], rel=0.06)

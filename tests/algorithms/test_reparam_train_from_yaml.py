@@ -19,7 +19,12 @@ from wesar_composer.algorithms.weight_norm import WeightNormEmbedding, WeightNor
 N_LAYERS = 2  # the tiny train config
 METHODS = {
     'weight_norm': ({'sigma_squared': 1.6e-4}, WeightNorm, (WeightNormLinear, WeightNormEmbedding), 2 + 4 * N_LAYERS),
-    'sigma_reparam': ({'sigma_squared': 6.4e-4}, SigmaReparam, (SigmaReparamLinear, SigmaReparamEmbedding), 2 + 4 * N_LAYERS),
+    'sigma_reparam': (
+        {'sigma_squared': 6.4e-4},
+        SigmaReparam,
+        (SigmaReparamLinear, SigmaReparamEmbedding),
+        2 + 4 * N_LAYERS,
+    ),
     'residual_scaling': ({'backbone': 'he'}, ResidualScaling, (ResidualScaledLinear,), 2 * N_LAYERS),
 }
 
@@ -44,7 +49,10 @@ def test_train_from_yaml(method, tiny_train_yaml, tmp_path, monkeypatch):
     register_first_batch_loss()
     path = tiny_train_yaml(
         algorithms={method: hparams},
-        callbacks={'update_ratio_monitor': {'log_interval': 1, 'families': 'all', 'layers': 'all'}, FIRST_BATCH_LOSS: {}},
+        callbacks={
+            'update_ratio_monitor': {'log_interval': 1, 'families': 'all', 'layers': 'all'},
+            FIRST_BATCH_LOSS: {},
+        },
         loggers={'inmemory': {}},
         max_duration='3ba',
         eval_interval='3ba',
@@ -59,13 +67,17 @@ def test_train_from_yaml(method, tiny_train_yaml, tmp_path, monkeypatch):
     seen = first_batch_loss(trainer)  # the same batch under the initial and the trained weights: training lowered it
     assert seen.after < seen.before - 5e-3, (seen.before, seen.after)  # 0.017 to 0.057 here
     logged = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger)).data
-    assert {'update_ratio/L1/d', 'update_ratio/L1/u', 'update_ratio/L0/q', 'update_ratio/e', 'update_ratio/p'} <= set(logged)
+    assert {'update_ratio/L1/d', 'update_ratio/L1/u', 'update_ratio/L0/q', 'update_ratio/e', 'update_ratio/p'} <= set(
+        logged
+    )
     ratios = [ratio for _, ratio in logged['update_ratio/L1/d']]
     assert len(ratios) == 3 and all(0 <= r < 1 for r in ratios) and ratios[-1] > 0  # warmup: lr 0 at first
     groups = trainer.state.optimizers[0].param_groups
     if method == 'weight_norm':
         assert len(groups) == 2 and groups[1]['weight_decay'] == 0.0
-        assert sum(p.numel() for p in groups[1]['params']) == 2 * 512 + N_LAYERS * (3 * 64 + 64 + 256 + 64)  # one g per row
+        assert sum(p.numel() for p in groups[1]['params']) == 2 * 512 + N_LAYERS * (
+            3 * 64 + 64 + 256 + 64
+        )  # one g per row
     elif method == 'sigma_reparam':
         assert len(groups) == 2 and sum(p.numel() for p in groups[1]['params']) == 2 + 6 * N_LAYERS
         assert {'gate/L0/q', 'gate/L1/d', 'gate/e', 'gate/p'} <= set(logged)
@@ -85,7 +97,9 @@ def test_hf_checkpointer_exports_the_merged_model(method, tiny_train_yaml, tmp_p
     monkeypatch.chdir(tmp_path)
     path = tiny_train_yaml(
         algorithms={method: METHODS[method][0]},
-        callbacks={'hf_checkpointer': {'save_folder': str(tmp_path / 'hf'), 'save_interval': '2ba', 'precision': 'float32'}},
+        callbacks={
+            'hf_checkpointer': {'save_folder': str(tmp_path / 'hf'), 'save_interval': '2ba', 'precision': 'float32'}
+        },
         max_duration='2ba',
         eval_interval='2ba',
         model={'tie_word_embeddings': True},
@@ -93,7 +107,9 @@ def test_hf_checkpointer_exports_the_merged_model(method, tiny_train_yaml, tmp_p
     trainer = train_from_yaml(str(path))
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / 'hf' / 'huggingface' / 'ba2', trust_remote_code=True)
     keys = set(plain.state_dict())
-    assert not any(k.rpartition('.')[2] in ('weight_g', 'gate', 'unembed_gate', 'sn_u', 'sn_v', 'sn_sigma') for k in keys)
+    assert not any(
+        k.rpartition('.')[2] in ('weight_g', 'gate', 'unembed_gate', 'sn_u', 'sn_v', 'sn_sigma') for k in keys
+    )
     tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = trainer.state.model.eval().model(tokens).logits

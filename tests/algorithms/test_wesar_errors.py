@@ -122,6 +122,8 @@ def test_refuses_a_model_another_method_already_changed():
 
     model = apply_paper_init(mpt(n_layers=2), backbone='small')
     before = snapshot(model)
-    with pytest.raises(ValueError, match='wesar is an alternative to paper_init, not an addition: this model already has paper_init'):
+    with pytest.raises(
+        ValueError, match='wesar is an alternative to paper_init, not an addition: this model already has paper_init'
+    ):
         apply_wesar(model)
     assert_unchanged(model, before)

@@ -55,12 +55,16 @@ def test_embedding_scaling_gives_unit_variance_residual_stream():
     plain = mpt(d_model=256, vocab_size=4096)
     apply_wesar(plain, embedding_scaling=False)
     # without scaling the gate carries the backbone's embedding std sqrt(1/d)
-    assert plain.model.transformer.wte(tokens).std().item() == pytest.approx(paper_table1_std('e', 256, 4, 'he'), rel=0.05)
+    assert plain.model.transformer.wte(tokens).std().item() == pytest.approx(
+        paper_table1_std('e', 256, 4, 'he'), rel=0.05
+    )
 
 
 @pytest.mark.parametrize('backbone', ['he', 'small'])
 def test_table1_on_llama_with_glu_and_gqa(tmp_path, backbone):
-    model = apply_wesar(llama(tmp_path, d_model=256, n_heads=8, kv_heads=2, n_layers=4, vocab_size=2048), backbone=backbone)
+    model = apply_wesar(
+        llama(tmp_path, d_model=256, n_heads=8, kv_heads=2, n_layers=4, vocab_size=2048), backbone=backbone
+    )
     rows = gate_table(model)
     check_table1(rows, d=256, n=4, backbone=backbone, expected_roles=ROLES_MHA | {'g'})
     k_proj = model.model.model.layers[0].self_attn.k_proj

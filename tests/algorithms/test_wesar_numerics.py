@@ -63,9 +63,14 @@ def test_adam_update_of_w_does_not_depend_on_the_gate(optimizer_name, invariant)
     assert torch.allclose(model(batch()).logits, twin(batch()).logits, atol=1e-4)
 
     if optimizer_name == 'adam':
-        make = lambda params: torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.95), eps=1e-12)
+
+        def make(params):
+            return torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.95), eps=1e-12)
     else:
-        make = lambda params: torch.optim.SGD(params, lr=1e-3)
+
+        def make(params):
+            return torch.optim.SGD(params, lr=1e-3)
+
     ours, theirs = update_of_w(model, make), update_of_w(twin, make)
     for name in ours:
         relative_difference = ((ours[name] - theirs[name]).norm() / ours[name].norm()).item()
@@ -146,6 +151,9 @@ def test_gated_linear_backward_matches_autograd(tokens, d_in, d_out, split, bias
 
     slices = {'one': (d_out,), 'halves': (d_out // 2, d_out - d_out // 2), 'rows': (1,) * d_out}[split]
     generator = torch.Generator().manual_seed(d_out + len(slices))
-    make = lambda *shape: torch.randn(*shape, dtype=torch.double, generator=generator).requires_grad_()
+
+    def make(*shape):
+        return torch.randn(*shape, dtype=torch.double, generator=generator).requires_grad_()
+
     inputs = (make(*tokens, d_in), make(d_out, d_in), make(len(slices)), make(d_out) if bias else None, slices)
     assert torch.autograd.gradcheck(ScaledLinearFunction.apply, inputs)

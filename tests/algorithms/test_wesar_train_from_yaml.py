@@ -57,7 +57,9 @@ def test_hf_checkpointer_exports_the_merged_model(tiny_train_yaml, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     path = tiny_train_yaml(
         algorithms={'wesar': {}},
-        callbacks={'hf_checkpointer': {'save_folder': str(tmp_path / 'hf'), 'save_interval': '4ba', 'precision': 'float32'}},
+        callbacks={
+            'hf_checkpointer': {'save_folder': str(tmp_path / 'hf'), 'save_interval': '4ba', 'precision': 'float32'}
+        },
         max_duration='4ba',
         model={'tie_word_embeddings': True},
     )
@@ -87,9 +89,21 @@ def test_composer_launches_two_processes_with_ddp(tiny_train_yaml, tmp_path):
     )
     env = {**os.environ, 'COMPOSER_DEVICE': 'cpu'}
     out = subprocess.run(
-        [str(BIN / 'composer'), '-n', '2', '--stdout', str(tmp_path / 'rank{rank}.out'),
-         str(BIN / 'llmfoundry'), 'train', str(path)],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+        [
+            str(BIN / 'composer'),
+            '-n',
+            '2',
+            '--stdout',
+            str(tmp_path / 'rank{rank}.out'),
+            str(BIN / 'llmfoundry'),
+            'train',
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     checkpoints = sorted((tmp_path / 'ckpt').glob('ba2-rank*.pt'))

@@ -46,8 +46,11 @@ def direct_loss(logits, labels, weight):
 @pytest.mark.parametrize('family', ['mpt', 'llama'])
 def test_value_and_gradient_match_direct_computation(family, tmp_path):
     torch.manual_seed(0)
-    model = mpt(d_model=64, n_heads=2, n_layers=2, vocab_size=VOCAB) if family == 'mpt' else llama(
-        tmp_path, d_model=64, n_heads=2, kv_heads=1, n_layers=2, vocab_size=VOCAB)
+    model = (
+        mpt(d_model=64, n_heads=2, n_layers=2, vocab_size=VOCAB)
+        if family == 'mpt'
+        else llama(tmp_path, d_model=64, n_heads=2, kv_heads=1, n_layers=2, vocab_size=VOCAB)
+    )
     batch = batch_with_padding()
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -120,9 +123,9 @@ def test_trainer_backpropagates_and_logs_the_sum(tmp_path):
     lm = [v for _, v in memory.data['loss/train/loss']]
     z = [v for _, v in memory.data['loss/train/z_loss']]
     assert len(z) == 2
-    for t, l, zz in zip(total, lm, z):
+    for t, lm_loss, zz in zip(total, lm, z):
         assert 0.5 * WEIGHT * math.log(VOCAB) ** 2 < zz < 2 * WEIGHT * math.log(VOCAB) ** 2
-        assert t == pytest.approx(l + zz, rel=1e-6)
+        assert t == pytest.approx(lm_loss + zz, rel=1e-6)
     trainer.close()
 
 

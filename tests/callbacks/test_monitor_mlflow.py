@@ -24,11 +24,16 @@ def store(tiny_mds, tmp_path_factory):
             cfg = tiny_train_config(
                 tiny_mds,
                 algorithms=algorithms,
-                callbacks={'update_ratio_monitor': {'log_interval': 1, 'families': 'all', 'layers': 'all'},  # the full view
-                           'loss_spike_counter': {}},
+                callbacks={
+                    'update_ratio_monitor': {'log_interval': 1, 'families': 'all', 'layers': 'all'},  # the full view
+                    'loss_spike_counter': {},
+                },
                 loggers={
-                    'mlflow': {'tracking_uri': str(root / 'mlruns'), 'experiment_name': 'monitor-test',
-                               'log_system_metrics': False},
+                    'mlflow': {
+                        'tracking_uri': str(root / 'mlruns'),
+                        'experiment_name': 'monitor-test',
+                        'log_system_metrics': False,
+                    },
                     'inmemory': {},
                 },
                 run_name=name,

@@ -67,40 +67,57 @@ def selected(**kwargs):
     return {key for key in monitor.logged_keys if '/' in key}
 
 
-@pytest.mark.parametrize('layers,expected', [
-    ([0, -1], [0, 39]),
-    ([-2, 5, 5], [5, 38]),
-    ('all', list(range(DEEP))),
-    ({'every': 8}, [0, 8, 16, 24, 32, 39]),
-    ({'every': 13}, [0, 13, 26, 39]),
-    ([], []),
-])
+@pytest.mark.parametrize(
+    'layers,expected',
+    [
+        ([0, -1], [0, 39]),
+        ([-2, 5, 5], [5, 38]),
+        ('all', list(range(DEEP))),
+        ({'every': 8}, [0, 8, 16, 24, 32, 39]),
+        ({'every': 13}, [0, 13, 26, 39]),
+        ([], []),
+    ],
+)
 def test_layer_selection(layers, expected):
     assert selected(layers=layers) == {f'L{layer}/{role}' for layer in expected for role in LAYER_ROLES}
 
 
 def test_a_layer_outside_the_model_is_refused_when_the_model_is_seen():
-    with pytest.raises(ValueError, match=r'layers: 40 is outside the model, which has 40 layers \(0 to 39, or -40 to -1'):
+    with pytest.raises(
+        ValueError, match=r'layers: 40 is outside the model, which has 40 layers \(0 to 39, or -40 to -1'
+    ):
         selected(layers=[0, 40])
     with pytest.raises(ValueError, match='layers: -41 is outside the model'):
         selected(layers=[-41])
 
 
-@pytest.mark.parametrize('kwargs,message', [
-    ({'families': 'update_ratio'}, r"families must be 'all' or a list drawn from \['update_ratio', 'param_norm', 'grad_norm', 'gate'\], got 'update_ratio'"),
-    ({'families': ['update_ratios']}, r"families: unknown family 'update_ratios'; choose from \['update_ratio', 'param_norm', 'grad_norm', 'gate'\] or 'all'"),
-    ({'families': ['gate', 'gate']}, r"families: \['gate', 'gate'\] names a family twice"),
-    ({'families': 3}, r"families must be 'all' or a list .*got 3"),
-    ({'layers': 'first'}, r"layers must be 'all', a list of layer indices such as \[0, -1\], or \{'every': k\} with k >= 1, got 'first'"),
-    ({'layers': [0, 'last']}, r"layers: 'last' is not a layer index"),
-    ({'layers': [0, 1.0]}, r"layers: 1.0 is not a layer index"),
-    ({'layers': [True]}, r"layers: True is not a layer index"),
-    ({'layers': {'every': 0}}, r"layers must be .*got \{'every': 0\}"),
-    ({'layers': {'each': 2}}, r"layers must be .*got \{'each': 2\}"),
-    ({'layers': 2}, r"layers must be .*got 2"),
-    ({'summaries': 'yes'}, r"summaries must be true or false, got 'yes'"),
-    ({'families': [], 'summaries': False}, r'families is empty and summaries is false: nothing would be logged'),
-])
+@pytest.mark.parametrize(
+    'kwargs,message',
+    [
+        (
+            {'families': 'update_ratio'},
+            r"families must be 'all' or a list drawn from \['update_ratio', 'param_norm', 'grad_norm', 'gate'\], got 'update_ratio'",
+        ),
+        (
+            {'families': ['update_ratios']},
+            r"families: unknown family 'update_ratios'; choose from \['update_ratio', 'param_norm', 'grad_norm', 'gate'\] or 'all'",
+        ),
+        ({'families': ['gate', 'gate']}, r"families: \['gate', 'gate'\] names a family twice"),
+        ({'families': 3}, r"families must be 'all' or a list .*got 3"),
+        (
+            {'layers': 'first'},
+            r"layers must be 'all', a list of layer indices such as \[0, -1\], or \{'every': k\} with k >= 1, got 'first'",
+        ),
+        ({'layers': [0, 'last']}, r"layers: 'last' is not a layer index"),
+        ({'layers': [0, 1.0]}, r'layers: 1.0 is not a layer index'),
+        ({'layers': [True]}, r'layers: True is not a layer index'),
+        ({'layers': {'every': 0}}, r"layers must be .*got \{'every': 0\}"),
+        ({'layers': {'each': 2}}, r"layers must be .*got \{'each': 2\}"),
+        ({'layers': 2}, r'layers must be .*got 2'),
+        ({'summaries': 'yes'}, r"summaries must be true or false, got 'yes'"),
+        ({'families': [], 'summaries': False}, r'families is empty and summaries is false: nothing would be logged'),
+    ],
+)
 def test_bad_options_name_the_value_and_what_is_allowed(kwargs, message):
     with pytest.raises(ValueError, match=message):
         UpdateRatioMonitor(**kwargs)

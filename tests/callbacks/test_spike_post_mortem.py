@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader
 from tests.common import mpt
 from wesar_composer import LossSpikeCounter, UpdateRatioMonitor
 from wesar_composer.callbacks.loss_spike_counter import POST_MORTEM_COLUMNS
+from wesar_composer.roles import find_matrices
 from wesar_composer.tools.plotting import load_runs
 from wesar_composer.tools.plotting import main as plot_main
-from wesar_composer.roles import find_matrices
 
 VOCAB, N_LAYERS, JUMP, BOOST, HISTORY = 64, 3, 30, 100.0, 8
 
@@ -67,13 +67,16 @@ class WeightRecorder(Callback):
 
     def batch_end(self, state, logger):
         self.ratios[state.timestamp.batch.value] = {
-            k: ((w - self.before[k]).norm() / self.before[k].norm()).item() for k, w in self._slices().items()}
+            k: ((w - self.before[k]).norm() / self.before[k].norm()).item() for k, w in self._slices().items()
+        }
 
 
 def provoke_spike(boosted_layer, monitor, loggers):
     """A tiny MPT on progressions; the lr of W_o and W_d of ``boosted_layer`` jumps BOOST-fold at JUMP."""
     model = mpt(d_model=64, n_layers=N_LAYERS, vocab_size=VOCAB)
-    boosted = [s.module.weight for s in find_matrices(model) if s.layer == boosted_layer and s.roles in (('o',), ('d',))]
+    boosted = [
+        s.module.weight for s in find_matrices(model) if s.layer == boosted_layer and s.roles in (('o',), ('d',))
+    ]
     rest = [p for p in model.parameters() if all(p is not b for b in boosted)]
     optimizer = torch.optim.AdamW([{'params': rest}, {'params': boosted}], lr=1e-2, betas=(0.9, 0.95), weight_decay=0)
     counter = LossSpikeCounter(window_size=10, min_history=10)
@@ -109,7 +112,9 @@ def expected_rise(ratios_by_step: dict[int, dict[str, float]], spike_batch: int,
 @pytest.fixture(scope='module')
 def full_view_run(tmp_path_factory):
     store = tmp_path_factory.mktemp('spike') / 'mlruns'
-    mlflow = MLFlowLogger(experiment_name='spike', run_name='lr-jump', tracking_uri=str(store), log_system_metrics=False)
+    mlflow = MLFlowLogger(
+        experiment_name='spike', run_name='lr-jump', tracking_uri=str(store), log_system_metrics=False
+    )
     monitor = UpdateRatioMonitor(log_interval=1, families=['update_ratio'], layers='all', history=HISTORY)
     records = []
     handler = logging.Handler()
@@ -131,7 +136,7 @@ def test_the_spike_names_the_matrices_whose_logged_ratio_jumped(full_view_run):
     report = counter.post_mortems[0]
     spike = report['batch']
     assert spike > JUMP + 1  # after the jump: the loss of batch JUMP + 2 is the first computed with the boosted step
-    assert losses[spike - 1] >= 1.5 * statistics.fmean(losses[spike - 11:spike - 1])
+    assert losses[spike - 1] >= 1.5 * statistics.fmean(losses[spike - 11 : spike - 1])
     # expected ranking from the logged metrics alone
     logged = {}
     for key, values in memory.data.items():
@@ -155,7 +160,9 @@ def test_the_spike_names_the_matrices_whose_logged_ratio_jumped(full_view_run):
 
     table = json.loads(memory.tables['loss_spike/update_ratio_rise_1'])
     assert table['columns'] == POST_MORTEM_COLUMNS
-    assert [row[3] for row in table['data']] == ranking and [row[2] for row in table['data']] == list(range(1, len(ranking) + 1))
+    assert [row[3] for row in table['data']] == ranking and [row[2] for row in table['data']] == list(
+        range(1, len(ranking) + 1)
+    )
 
 
 @pytest.mark.slow

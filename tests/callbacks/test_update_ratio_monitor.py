@@ -104,7 +104,10 @@ def test_sgd_update_ratio_is_lr_times_clipped_grad_norm_over_param_norm():
     model = mpt(d_model=64, n_layers=N_LAYERS)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
     data = fit(
-        model, [UpdateRatioMonitor(log_interval=1, **FULL)], batches=3, optimizer=optimizer,
+        model,
+        [UpdateRatioMonitor(log_interval=1, **FULL)],
+        batches=3,
+        optimizer=optimizer,
         algorithms=[WeSaR(), GradientClipping(clipping_type='norm', clipping_threshold=threshold)],
     )
     suffixes = [k.removeprefix('update_ratio/') for k in data if k.startswith('update_ratio/') and k.count('/') >= 1]
@@ -157,12 +160,20 @@ def test_wesar_ratios_match_weights_copied_by_hand():
     assert data['update_ratio/L1/d'][0][1] != data['update_ratio/L1/u'][0][1]
     d_over_u = [d[1] / u[1] for d, u in zip(data['update_ratio/L1/d'], data['update_ratio/L1/u'])]
     assert [v for _, v in data['update_ratio/last_layer_d_over_u']] == pytest.approx(d_over_u, rel=1e-9)
-    maxima = [max(v[step][1] for k, v in data.items() if k.startswith('update_ratio/L') or k in ('update_ratio/e', 'update_ratio/p'))
-              for step in range(3)]
+    maxima = [
+        max(
+            v[step][1]
+            for k, v in data.items()
+            if k.startswith('update_ratio/L') or k in ('update_ratio/e', 'update_ratio/p')
+        )
+        for step in range(3)
+    ]
     assert [v for _, v in data['update_ratio/max']] == pytest.approx(maxima, rel=1e-9)
     for role in LAYER_ROLES:  # the mean over every layer of one role
-        means = [sum(data[f'update_ratio/L{layer}/{role}'][step][1] for layer in range(N_LAYERS)) / N_LAYERS
-                 for step in range(3)]
+        means = [
+            sum(data[f'update_ratio/L{layer}/{role}'][step][1] for layer in range(N_LAYERS)) / N_LAYERS
+            for step in range(3)
+        ]
         assert [v for _, v in data[f'update_ratio/mean_{role}']] == pytest.approx(means, rel=1e-9), role
 
 
@@ -170,7 +181,12 @@ def test_first_logged_gates_are_the_wesar_initial_gates():
     model = mpt(d_model=64, n_layers=N_LAYERS)
     data = fit(model, [UpdateRatioMonitor(log_interval=1, families=['gate'])], batches=1, algorithms=[WeSaR()])
     sigma, d, n = math.sqrt(4e-5), 64, N_LAYERS
-    table1 = {'q': math.sqrt(1 / d), 'o': math.sqrt(1 / (2 * n * d)), 'u': math.sqrt(1 / d), 'd': math.sqrt(2 / (8 * n * d))}
+    table1 = {
+        'q': math.sqrt(1 / d),
+        'o': math.sqrt(1 / (2 * n * d)),
+        'u': math.sqrt(1 / d),
+        'd': math.sqrt(2 / (8 * n * d)),
+    }
     for role, std in table1.items():
         assert data[f'gate/L1/{role}'][0][1] == pytest.approx(std / sigma, rel=1e-6), role
     assert data['gate/e'][0][1] == pytest.approx(1.0)

@@ -57,8 +57,10 @@ def main(out_dir: str) -> None:
         state = {}
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             local = tensor.to_local() if hasattr(tensor, 'to_local') else tensor
-            state[name] = {'full': tensor.full_tensor() if hasattr(tensor, 'full_tensor') else tensor.detach().clone(),
-                           'local_numel': local.numel()}
+            state[name] = {
+                'full': tensor.full_tensor() if hasattr(tensor, 'full_tensor') else tensor.detach().clone(),
+                'local_numel': local.numel(),
+            }
         results[method] = state
     torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
     torch_dist.destroy_process_group()

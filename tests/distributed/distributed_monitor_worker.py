@@ -77,11 +77,17 @@ def run_ddp(out_dir):
         log_to_console=False,
     )
     trainer.fit()
-    logged = {k: [v for _, v in values] for k, values in logger.data.items() if '/' in k and k.split('/')[0] in
-              ('update_ratio', 'param_norm', 'grad_norm', 'gate')}
+    logged = {
+        k: [v for _, v in values]
+        for k, values in logger.data.items()
+        if '/' in k and k.split('/')[0] in ('update_ratio', 'param_norm', 'grad_norm', 'gate')
+    }
     first_rows = model.model.transformer.wte.weight.detach()[:2].tolist()
-    _write(out_dir, 'ddp', {'logged': logged, 'by_hand': recorder.ratios, 'world_size': dist.get_world_size(),
-                     'wte_rows': first_rows})
+    _write(
+        out_dir,
+        'ddp',
+        {'logged': logged, 'by_hand': recorder.ratios, 'world_size': dist.get_world_size(), 'wte_rows': first_rows},
+    )
     trainer.close()
 
 
@@ -95,7 +101,9 @@ def run_sharded(out_dir):
     if not torch_dist.is_initialized():  # the DDP part's Trainer has set up gloo already
         torch_dist.init_process_group('gloo')
     world = torch_dist.get_world_size()
-    batch = {k: torch.stack([TokenBatches(n=32)[i][k] for i in range(4)]) for k in ('input_ids', 'labels', 'attention_mask')}
+    batch = {
+        k: torch.stack([TokenBatches(n=32)[i][k] for i in range(4)]) for k in ('input_ids', 'labels', 'attention_mask')
+    }
     results = {'world_size': world}
     for mode in ('fsdp1', 'fsdp2'):
         model = apply_wesar(mpt(d_model=64, n_layers=2, kv_n_heads=2, seed=3))
@@ -107,21 +115,30 @@ def run_sharded(out_dir):
         monitor.discover(model)  # before sharding, as at Event.INIT
         specs = find_matrices(model)
         if mode == 'fsdp1':
-            sharded = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({MPTBlock}), use_orig_params=True,
-                           device_id=torch.device('cpu'))
+            sharded = FSDP(
+                model,
+                auto_wrap_policy=ModuleWrapPolicy({MPTBlock}),
+                use_orig_params=True,
+                device_id=torch.device('cpu'),
+            )
         else:
             mesh = init_device_mesh('cpu', (world,))
             for block in model.model.transformer.blocks:
                 fully_shard(block, mesh=mesh)
             sharded = fully_shard(model, mesh=mesh)
         monitor.attach(sharded)
-        local_numel = sum(m.module.weight.to_local().numel() if hasattr(m.module.weight, 'to_local')
-                          else m.module.weight.numel() for m in monitor._matrices)
+        local_numel = sum(
+            m.module.weight.to_local().numel() if hasattr(m.module.weight, 'to_local') else m.module.weight.numel()
+            for m in monitor._matrices
+        )
         optimizer = torch.optim.AdamW(sharded.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
         reference_optimizer = torch.optim.AdamW(replica.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
         steps = []
         for _ in range(STEPS):
-            for net, owner, opt, mon in ((sharded, model, optimizer, monitor), (replica, replica, reference_optimizer, reference)):
+            for net, owner, opt, mon in (
+                (sharded, model, optimizer, monitor),
+                (replica, replica, reference_optimizer, reference),
+            ):
                 opt.zero_grad()
                 owner.loss(net(batch), batch).backward()
                 if net is sharded:

@@ -39,8 +39,11 @@ class Recorder(Callback):
         if rank == 0:
             torch.save(weights, os.path.join(self.out_dir, 'weights.pt'))
             metrics = {
-                k: float(v) for d in logger.destinations if hasattr(d, 'most_recent_values')
-                for k, v in d.most_recent_values.items() if isinstance(v, (int, float)) or getattr(v, 'numel', lambda: 0)() == 1
+                k: float(v)
+                for d in logger.destinations
+                if hasattr(d, 'most_recent_values')
+                for k, v in d.most_recent_values.items()
+                if isinstance(v, (int, float)) or getattr(v, 'numel', lambda: 0)() == 1
             }
             with open(os.path.join(self.out_dir, 'metrics.json'), 'w') as f:
                 json.dump(metrics, f)

@@ -38,8 +38,16 @@ def free_port() -> int:
 def run(yaml_path: Path, out: Path, world: int, expect_ok: bool = True) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'FSDP_VERSION': '2', 'COMPOSER_DEVICE': 'cpu'}
-    cmd = [str(BIN / 'composer'), '-n', str(world), '--master_port', str(free_port()), str(WORKER),
-           str(yaml_path), str(out)]
+    cmd = [
+        str(BIN / 'composer'),
+        '-n',
+        str(world),
+        '--master_port',
+        str(free_port()),
+        str(WORKER),
+        str(yaml_path),
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500, env=env, cwd=out)
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -68,9 +76,17 @@ def wesar_runs(tiny_mds, tmp_path_factory):
         cfg = tiny_train_config(
             tiny_mds,
             algorithms={'wesar': {}},
-            callbacks={'update_ratio_monitor': {'log_interval': 1, 'families': 'all', 'layers': 'all'}, 'test_recorder': {}},
+            callbacks={
+                'update_ratio_monitor': {'log_interval': 1, 'families': 'all', 'layers': 'all'},
+                'test_recorder': {},
+            },
             loggers={'inmemory': {}},
-            **{'max_duration': '3ba', 'eval_interval': '3ba', 'train_loader': {'dataset': {'shuffle': False}}, **overrides},
+            **{
+                'max_duration': '3ba',
+                'eval_interval': '3ba',
+                'train_loader': {'dataset': {'shuffle': False}},
+                **overrides,
+            },
         )
         del cfg['algorithms']['gradient_clipping']  # see the module docstring
         return write_train_yaml(cfg, root / f'{name}.yaml')
@@ -116,7 +132,11 @@ def test_sharded_wesar_checkpoint_refused_by_a_run_without_wesar(wesar_runs, tin
     checkpoint = root / 'ckpt' / 'ep0-ba3'
     assert (checkpoint / '.metadata').exists()
     cfg = tiny_train_config(
-        tiny_mds, algorithms={'paper_init': {}}, max_duration='4ba', fsdp_config=FSDP, load_path=str(checkpoint),
+        tiny_mds,
+        algorithms={'paper_init': {}},
+        max_duration='4ba',
+        fsdp_config=FSDP,
+        load_path=str(checkpoint),
     )
     out = root / 'paper_init'
     proc = run(write_train_yaml(cfg, root / 'paper_init.yaml'), out, world=2, expect_ok=False)
@@ -128,8 +148,11 @@ def test_sharded_wesar_checkpoint_refused_by_a_run_without_wesar(wesar_runs, tin
 def test_sharded_wesar_checkpoint_resumes_a_wesar_run(wesar_runs):
     root = wesar_runs['root']
     out = root / 'resumed'
-    run(wesar_runs['make']('resumed', fsdp_config=FSDP, max_duration='4ba', load_path=str(root / 'ckpt' / 'ep0-ba3')),
-        out, world=2)
+    run(
+        wesar_runs['make']('resumed', fsdp_config=FSDP, max_duration='4ba', load_path=str(root / 'ckpt' / 'ep0-ba3')),
+        out,
+        world=2,
+    )
     losses = [json.loads((out / f'losses-rank{r}.json').read_text()) for r in (0, 1)]
     assert [len(x) for x in losses] == [1, 1]  # batches 1-3 came from the checkpoint
     assert all(torch.isfinite(torch.tensor(x)).all() for x in losses)

@@ -147,7 +147,9 @@ def count_on_meta(name):
     plain = sum(p.numel() for p in model.parameters())
     for key in ('wesar', 'paper_init'):
         if key in cfg.algorithms:
-            state = SimpleNamespace(model=model, optimizers=(), callbacks=[], device=None, rank_zero_seed=0, fsdp_config=None)
+            state = SimpleNamespace(
+                model=model, optimizers=(), callbacks=[], device=None, rank_zero_seed=0, fsdp_config=None
+            )
             build_algorithm(key, copy.deepcopy(cfg.algorithms[key])).apply(Event.INIT, state, None)
     gates = sum(p.numel() for n, p in model.named_parameters() if n.rpartition('.')[2] in ('gate', 'unembed_gate'))
     total = sum(p.numel() for p in model.parameters())
@@ -179,7 +181,7 @@ def test_decoupled_weight_decay_equals_torch_adamw_0_01(lr):
     With zero gradients Adam's step is zero, so only the decay moves the weights; the lr follows
     a warmup-and-decay schedule to show that the two agree at every lr_t, not only at the peak.
     """
-    recipe = validated(PAPER / f"wesar-130m-{'rapid' if lr == 1e-3 else 'stable'}.yaml")
+    recipe = validated(PAPER / f'wesar-130m-{"rapid" if lr == 1e-3 else "stable"}.yaml')
     assert recipe.optimizer['lr'] == lr
     torch.manual_seed(0)
     start = torch.randn(1000, dtype=torch.float64)
@@ -204,15 +206,32 @@ def tiny_overrides(data, tracking_dir):
         f'variables.tokenizer_name={data.tokenizer}',
         f'variables.max_seq_len={data.seq_len}',
         f'variables.mlflow_tracking_uri=file://{tracking_dir}',
-        'save_folder=null', 'python_log_level=null',
-        'model.d_model=64', 'model.n_heads=2', 'model.n_layers=2', f'model.vocab_size={data.vocab_size}',
-        'model.init_device=cpu', 'model.attn_config.attn_impl=torch', 'model.attn_config.rope_impl=hf',
-        'model.loss_fn=torch_crossentropy', 'precision=fp32', 'fsdp_config=null',
-        'global_train_batch_size=8', 'device_train_microbatch_size=4', 'device_eval_batch_size=8',
-        'max_duration=4ba', 'scheduler.t_warmup=1ba', 'eval_interval=4ba', 'eval_subset_num_batches=1',
-        'callbacks.update_ratio_monitor.log_interval=1', 'console_log_interval=1ba',
-        *[f'{loader}.{key}={value}' for loader in ('train_loader', 'eval_loader')
-          for key, value in (('num_workers', 0), ('prefetch_factor', 'null'), ('persistent_workers', 'false'))],
+        'save_folder=null',
+        'python_log_level=null',
+        'model.d_model=64',
+        'model.n_heads=2',
+        'model.n_layers=2',
+        f'model.vocab_size={data.vocab_size}',
+        'model.init_device=cpu',
+        'model.attn_config.attn_impl=torch',
+        'model.attn_config.rope_impl=hf',
+        'model.loss_fn=torch_crossentropy',
+        'precision=fp32',
+        'fsdp_config=null',
+        'global_train_batch_size=8',
+        'device_train_microbatch_size=4',
+        'device_eval_batch_size=8',
+        'max_duration=4ba',
+        'scheduler.t_warmup=1ba',
+        'eval_interval=4ba',
+        'eval_subset_num_batches=1',
+        'callbacks.update_ratio_monitor.log_interval=1',
+        'console_log_interval=1ba',
+        *[
+            f'{loader}.{key}={value}'
+            for loader in ('train_loader', 'eval_loader')
+            for key, value in (('num_workers', 0), ('prefetch_factor', 'null'), ('persistent_workers', 'false'))
+        ],
     ]
 
 
@@ -227,7 +246,10 @@ def test_recipe_trains_through_llmfoundry(name, tiny_mds, tmp_path, monkeypatch)
     assert losses['loss/train/total'] == pytest.approx(losses['loss/train/loss'] + losses['loss/train/z_loss'])
     assert 0 < losses['loss/train/z_loss'] < 1e-4 * 2 * math.log(tiny_mds.vocab_size) ** 2
     assert {type(a).__name__ for a in trainer.state.algorithms} == {
-        'GradientClipping', 'ZLoss', 'WeSaR' if name.startswith('wesar') else 'PaperInit'}
+        'GradientClipping',
+        'ZLoss',
+        'WeSaR' if name.startswith('wesar') else 'PaperInit',
+    }
     assert trainer.state.timestamp.batch.value == 4
     trainer.close()
 

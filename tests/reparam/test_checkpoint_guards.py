@@ -25,7 +25,7 @@ def test_methods_are_told_apart_by_their_keys():
 def test_model_load_of_a_wesar_checkpoint_without_wesar():
     saved = apply_wesar(mpt(n_layers=2)).state_dict()
     model = guard(apply_paper_init(mpt(n_layers=2)))
-    with pytest.raises(ValueError, match="saved by a run with the wesar algorithm .*Add `algorithms: {wesar: ...}`"):
+    with pytest.raises(ValueError, match='saved by a run with the wesar algorithm .*Add `algorithms: {wesar: ...}`'):
         model.load_state_dict(saved, strict=False)
 
 
@@ -63,7 +63,9 @@ def test_sharded_load_planner_refuses_before_loading(tmp_path):
     plain = mpt(n_layers=2)
     dcp.save({'state': {'model': plain.state_dict()}}, checkpoint_id=str(tmp_path / 'ckpt'))
     target = {'state': {'model': apply_wesar(mpt(n_layers=2)).state_dict()}}
-    with pytest.raises(CheckpointException, match='ValueError: the sharded checkpoint was saved by a run without the wesar'):
+    with pytest.raises(
+        CheckpointException, match='ValueError: the sharded checkpoint was saved by a run without the wesar'
+    ):
         dcp.load(target, checkpoint_id=str(tmp_path / 'ckpt'), planner=CheckedLoadPlanner())
     target = {'state': {'model': mpt(n_layers=2).state_dict()}}
     dcp.load(target, checkpoint_id=str(tmp_path / 'ckpt'), planner=CheckedLoadPlanner())  # a match loads
@@ -75,19 +77,43 @@ def test_train_from_yaml_refuses_a_wesar_checkpoint_in_a_small_init_run(tiny_tra
     from llmfoundry.command_utils import train_from_yaml
 
     monkeypatch.chdir(tmp_path)
-    train_from_yaml(str(tiny_train_yaml(algorithms={'wesar': {}}, max_duration='2ba', eval_interval='2ba',
-                                        save_folder=str(tmp_path / 'wesar'), save_interval='2ba')))
-    train_from_yaml(str(tiny_train_yaml(algorithms={'paper_init': {}}, max_duration='2ba', eval_interval='2ba',
-                                        save_folder=str(tmp_path / 'small'), save_interval='2ba')))
+    train_from_yaml(
+        str(
+            tiny_train_yaml(
+                algorithms={'wesar': {}},
+                max_duration='2ba',
+                eval_interval='2ba',
+                save_folder=str(tmp_path / 'wesar'),
+                save_interval='2ba',
+            )
+        )
+    )
+    train_from_yaml(
+        str(
+            tiny_train_yaml(
+                algorithms={'paper_init': {}},
+                max_duration='2ba',
+                eval_interval='2ba',
+                save_folder=str(tmp_path / 'small'),
+                save_interval='2ba',
+            )
+        )
+    )
     wesar_ckpt, small_ckpt = tmp_path / 'wesar' / 'ep0-ba2-rank0.pt', tmp_path / 'small' / 'ep0-ba2-rank0.pt'
     assert wesar_ckpt.exists() and small_ckpt.exists()
     with pytest.raises(ValueError, match='saved by a run with the wesar algorithm'):
-        train_from_yaml(str(tiny_train_yaml(algorithms={'paper_init': {}}, max_duration='3ba',
-                                            load_path=str(wesar_ckpt))))
+        train_from_yaml(
+            str(tiny_train_yaml(algorithms={'paper_init': {}}, max_duration='3ba', load_path=str(wesar_ckpt)))
+        )
     with pytest.raises(ValueError, match='saved by a run without the wesar algorithm'):
         train_from_yaml(str(tiny_train_yaml(algorithms={'wesar': {}}, max_duration='3ba', load_path=str(small_ckpt))))
-    trainer = train_from_yaml(str(tiny_train_yaml(algorithms={'wesar': {}}, max_duration='3ba', eval_interval='3ba',
-                                                  load_path=str(wesar_ckpt))))
+    trainer = train_from_yaml(
+        str(
+            tiny_train_yaml(
+                algorithms={'wesar': {}}, max_duration='3ba', eval_interval='3ba', load_path=str(wesar_ckpt)
+            )
+        )
+    )
     assert int(trainer.state.timestamp.batch) == 3
     # A run with none of this package's algorithms, loading weights only as llmfoundry eval does: Composer's
     # strict load (load_strict_model_weights, true by default) names the unexpected gate keys. (A full resume

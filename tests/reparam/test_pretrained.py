@@ -14,8 +14,16 @@ from wesar_composer.algorithms.wesar import GatedEmbedding, GatedLinear
 def saved_llama(tmp_path_factory):
     """A Llama-style model (GQA, GLU) with trained-looking weights: stds that differ by matrix."""
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                         num_hidden_layers=2, vocab_size=512, max_position_embeddings=64, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        vocab_size=512,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for i, p in enumerate(model.parameters()):
@@ -27,8 +35,9 @@ def saved_llama(tmp_path_factory):
 
 
 def load(path, pretrained=True):
-    return ComposerHFCausalLM(tokenizer=None, pretrained_model_name_or_path=str(path), pretrained=pretrained,
-                              use_train_metrics=False)
+    return ComposerHFCausalLM(
+        tokenizer=None, pretrained_model_name_or_path=str(path), pretrained=pretrained, use_train_metrics=False
+    )
 
 
 def logits(model, tokens):
@@ -70,10 +79,11 @@ def test_preserve_keeps_the_logits_and_puts_every_weight_at_sigma(saved_llama):
     rows = gate_table(model)
     assert len(rows) == 1 + 2 * 7 + 1  # e, q k v o g u d per layer, p
     for row in rows:
-        assert row['weight_std'] == pytest.approx(4e-5 ** 0.5, rel=1e-4), row['name']
+        assert row['weight_std'] == pytest.approx(4e-5**0.5, rel=1e-4), row['name']
     q = model.model.model.layers[1].self_attn.q_proj
-    assert q.gate.item() == pytest.approx(trained['model.layers.1.self_attn.q_proj.weight'].std().item() / 4e-5 ** 0.5,
-                                          rel=1e-5)
+    assert q.gate.item() == pytest.approx(
+        trained['model.layers.1.self_attn.q_proj.weight'].std().item() / 4e-5**0.5, rel=1e-5
+    )
     merged = merge_gates(model)  # and back: the merged weights are the trained ones
     for name, param in merged.model.named_parameters():
         torch.testing.assert_close(param, trained[name], rtol=1e-5, atol=1e-7)
@@ -106,12 +116,17 @@ def test_train_from_yaml_with_pretrained_weights(saved_llama, tiny_train_cfg, tm
     from tests.common import write_train_yaml
 
     monkeypatch.chdir(tmp_path)
-    model = {'name': 'hf_causal_lm', 'pretrained_model_name_or_path': str(saved_llama), 'pretrained': True,
-             'use_train_metrics': False}
+    model = {
+        'name': 'hf_causal_lm',
+        'pretrained_model_name_or_path': str(saved_llama),
+        'pretrained': True,
+        'use_train_metrics': False,
+    }
 
     def yaml_for(hparams, name):
-        cfg = tiny_train_cfg(algorithms={} if hparams is None else {'wesar': hparams}, max_duration='1ba',
-                             eval_interval='1ba')
+        cfg = tiny_train_cfg(
+            algorithms={} if hparams is None else {'wesar': hparams}, max_duration='1ba', eval_interval='1ba'
+        )
         cfg['model'] = model
         return write_train_yaml(cfg, tmp_path / f'{name}.yaml')
 

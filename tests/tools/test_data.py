@@ -177,7 +177,7 @@ def test_tiny_tokenizer_loads_in_llmfoundry_and_round_trips(tiny_mds):
     tok = build_tokenizer(str(tiny_mds.tokenizer), {'model_max_length': tiny_mds.seq_len})
     assert len(tok) == tiny_mds.vocab_size == 512
     assert tok.eos_token == '<|endoftext|>'
-    text = "O Romeo, Romeo! wherefore art thou Romeo? \u00e6 \u2014 caf\u00e9\n  two  spaces"
+    text = 'O Romeo, Romeo! wherefore art thou Romeo? \u00e6 \u2014 caf\u00e9\n  two  spaces'
     ids = tok(text)['input_ids']
     assert tok.eos_token_id not in ids  # nothing added on encode
     assert tok.decode(ids) == text  # byte-level: lossless
@@ -201,10 +201,13 @@ def test_tiny_mds_has_token_samples_from_the_right_split(tiny_mds):
         ds = StreamingDataset(local=str(tiny_mds.split(split)), shuffle=False, batch_size=1)
         assert len(ds) == manifest['stats'][split]['mds_samples'] > 0
         for i in (0, len(ds) // 2, len(ds) - 1):
-            tokens = np.frombuffer(ds[i]['tokens'], dtype=np.int32) if isinstance(ds[i]['tokens'], bytes) \
+            tokens = (
+                np.frombuffer(ds[i]['tokens'], dtype=np.int32)
+                if isinstance(ds[i]['tokens'], bytes)
                 else np.asarray(ds[i]['tokens'])
+            )
             assert tokens.dtype == np.int32 and tokens.shape == (tiny_mds.seq_len,)
-            assert 0 <= tokens.min() and tokens.max() < tiny_mds.vocab_size
+            assert tokens.min() >= 0 and tokens.max() < tiny_mds.vocab_size
             piece = tok.decode(tokens.tolist()).split(tok.eos_token)
             longest = max(piece, key=len)
             assert longest in text and (len(longest) < 40 or longest not in other)
@@ -218,14 +221,22 @@ def test_rebuild_is_a_no_op_and_other_settings_are_refused(tiny_mds):
     shard = tiny_mds.train / 'shard.00000.mds'
     before = (manifest_path.stat().st_mtime_ns, shard.stat().st_mtime_ns)
     again = build_dataset(
-        tiny_mds.root, vocab_size=tiny_mds.vocab_size, seq_len=tiny_mds.seq_len,
-        max_chars=tiny_mds.manifest['settings']['max_chars'], progress=lambda line: None,
+        tiny_mds.root,
+        vocab_size=tiny_mds.vocab_size,
+        seq_len=tiny_mds.seq_len,
+        max_chars=tiny_mds.manifest['settings']['max_chars'],
+        progress=lambda line: None,
     )
     assert again.manifest == tiny_mds.manifest
     assert (manifest_path.stat().st_mtime_ns, shard.stat().st_mtime_ns) == before
     with pytest.raises(DatasetExistsError, match='other settings'):
-        build_dataset(tiny_mds.root, vocab_size=1024, seq_len=tiny_mds.seq_len,
-                      max_chars=tiny_mds.manifest['settings']['max_chars'], progress=lambda line: None)
+        build_dataset(
+            tiny_mds.root,
+            vocab_size=1024,
+            seq_len=tiny_mds.seq_len,
+            max_chars=tiny_mds.manifest['settings']['max_chars'],
+            progress=lambda line: None,
+        )
     assert json.loads(manifest_path.read_text()) == tiny_mds.manifest
     leftovers = [p for p in tiny_mds.root.parent.iterdir() if '.building-' in p.name]
     assert leftovers == []

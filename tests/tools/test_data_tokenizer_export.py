@@ -36,12 +36,18 @@ def test_hf_checkpointer_export_generates_with_the_usual_call(tiny_mds, tmp_path
     monkeypatch.chdir(tmp_path)
     export = tmp_path / 'export'
     cfg = tiny_train_config(
-        tiny_mds, max_duration='2ba', eval_interval='2ba', eval_subset_num_batches=1,
+        tiny_mds,
+        max_duration='2ba',
+        eval_interval='2ba',
+        eval_subset_num_batches=1,
         callbacks={'hf_checkpointer': {'save_folder': str(export), 'save_interval': '2ba', 'precision': 'float32'}},
     )
     train_from_yaml(str(write_train_yaml(cfg, tmp_path / 'export.yaml'))).close()
     folder = export / 'huggingface' / 'ba2'
-    assert json.loads((folder / 'tokenizer_config.json').read_text())['model_input_names'] == ['input_ids', 'attention_mask']
+    assert json.loads((folder / 'tokenizer_config.json').read_text())['model_input_names'] == [
+        'input_ids',
+        'attention_mask',
+    ]
     tok = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True)
     inputs = tok(PROMPT, return_tensors='pt')
@@ -57,8 +63,13 @@ def _make_format_1(root):
 
     tok = AutoTokenizer.from_pretrained(str(root / 'tokenizer'))
     shutil.rmtree(root / 'tokenizer')
-    PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token=tok.eos_token, eos_token=tok.eos_token,
-                            unk_token=tok.eos_token, clean_up_tokenization_spaces=False).save_pretrained(str(root / 'tokenizer'))
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok.backend_tokenizer,
+        bos_token=tok.eos_token,
+        eos_token=tok.eos_token,
+        unk_token=tok.eos_token,
+        clean_up_tokenization_spaces=False,
+    ).save_pretrained(str(root / 'tokenizer'))
     manifest = json.loads((root / 'manifest.json').read_text())
     manifest['format'] = 1
     (root / 'manifest.json').write_text(json.dumps(manifest))
@@ -72,11 +83,19 @@ def test_a_dataset_of_an_older_format_is_rebuilt_in_place(tiny_mds, tmp_path):
     shutil.copytree(tiny_mds.root, root)
     _make_format_1(root)
     settings = tiny_mds.manifest['settings']
-    with pytest.raises(DatasetMissingError, match=r'built by an older wesar-data \(format 1, now 2.*rebuild it with `wesar-data --output-dir'):
+    with pytest.raises(
+        DatasetMissingError,
+        match=r'built by an older wesar-data \(format 1, now 2.*rebuild it with `wesar-data --output-dir',
+    ):
         require_dataset(root)
     lines = []
-    rebuilt = build_dataset(root, vocab_size=settings['vocab_size'], seq_len=settings['seq_len'],
-                            max_chars=settings['max_chars'], progress=lines.append)
+    rebuilt = build_dataset(
+        root,
+        vocab_size=settings['vocab_size'],
+        seq_len=settings['seq_len'],
+        max_chars=settings['max_chars'],
+        progress=lines.append,
+    )
     assert any('built by an older wesar-data (format 1, now 2' in line and 'rebuilding' in line for line in lines)
     assert rebuilt.manifest['format'] == build_lib.MANIFEST_FORMAT == 2
     assert json.loads((root / 'manifest.json').read_text())['format'] == 2
@@ -92,17 +111,25 @@ def test_an_older_dataset_of_other_settings_is_refused_and_kept(tiny_mds, tmp_pa
     _make_format_1(root)
     settings = tiny_mds.manifest['settings']
     with pytest.raises(DatasetExistsError, match='other settings'):
-        build_dataset(root, vocab_size=settings['vocab_size'] * 2, seq_len=settings['seq_len'],
-                      max_chars=settings['max_chars'], progress=lambda line: None)
+        build_dataset(
+            root,
+            vocab_size=settings['vocab_size'] * 2,
+            seq_len=settings['seq_len'],
+            max_chars=settings['max_chars'],
+            progress=lambda line: None,
+        )
     assert json.loads((root / 'manifest.json').read_text())['format'] == 1
 
 
 def test_a_missing_dataset_names_the_folder_and_the_command(tmp_path):
-    with pytest.raises(DatasetMissingError, match=rf"Dataset folder '{tmp_path}/nope' does not exist. Build it first "
-                       rf"with `wesar-data --output-dir {tmp_path}/nope --vocab-size 512 --seq-len 64`"):
+    with pytest.raises(
+        DatasetMissingError,
+        match=rf"Dataset folder '{tmp_path}/nope' does not exist. Build it first "
+        rf'with `wesar-data --output-dir {tmp_path}/nope --vocab-size 512 --seq-len 64`',
+    ):
         require_dataset(tmp_path / 'nope', 512, 64)
     (tmp_path / 'half').mkdir()
-    with pytest.raises(DatasetMissingError, match=r"holds no manifest.json .*`wesar-data --output-dir .*/half`,"):
+    with pytest.raises(DatasetMissingError, match=r'holds no manifest.json .*`wesar-data --output-dir .*/half`,'):
         require_dataset(tmp_path / 'half', 4096, 128)  # the defaults need no flags
 
 
@@ -111,8 +138,12 @@ def test_config_check_leaves_other_configs_alone(tmp_path):
     assert build_lib.check_train_config(other) is other
     assert build_lib.check_train_config({'tokenizer': {'name': str(tmp_path / 'tok')}})
     with pytest.raises(DatasetMissingError):
-        build_lib.check_train_config({'variables': {'data_root': str(tmp_path / 'nope')},
-                                      'tokenizer': {'name': str(tmp_path / 'nope' / 'tokenizer')}})
+        build_lib.check_train_config(
+            {
+                'variables': {'data_root': str(tmp_path / 'nope')},
+                'tokenizer': {'name': str(tmp_path / 'nope' / 'tokenizer')},
+            }
+        )
 
 
 def test_the_demo_yaml_on_a_missing_dataset_stops_before_any_work(tmp_path, monkeypatch):
@@ -123,9 +154,12 @@ def test_the_demo_yaml_on_a_missing_dataset_stops_before_any_work(tmp_path, monk
 
     monkeypatch.chdir(tmp_path)  # the check is the package's config transform entry point: any working folder
     store = tmp_path / 'mlruns'
-    cfg = demo.load_config(demo.find_demo_yaml(), [f'variables.data_root={tmp_path}/nope',
-                                                   f'variables.mlflow_tracking_uri={store}'])
-    with pytest.raises(DatasetMissingError, match=rf"'{tmp_path}/nope' does not exist.*`wesar-data --output-dir {tmp_path}/nope`"):
+    cfg = demo.load_config(
+        demo.find_demo_yaml(), [f'variables.data_root={tmp_path}/nope', f'variables.mlflow_tracking_uri={store}']
+    )
+    with pytest.raises(
+        DatasetMissingError, match=rf"'{tmp_path}/nope' does not exist.*`wesar-data --output-dir {tmp_path}/nope`"
+    ):
         train(cfg)
     assert not store.exists()  # no MLflow run was started
 

@@ -95,8 +95,10 @@ def test_demo_runs_both_methods_and_reports(tiny_mds, tmp_path, capfd, console_b
     # evaluation was limited to 2 batches of 64 sequences: the report says so, not "the whole split"
     val_tokens = tiny_mds.manifest['stats']['val']['mds_tokens']
     assert 'whole validation split' not in text
-    assert (f'on the first 2 batches of 64 validation sequences, {min(2 * 64 * tiny_mds.seq_len, val_tokens):,} '
-            f"of the split's {val_tokens:,} tokens (eval_subset_num_batches: 2)") in text
+    assert (
+        f'on the first 2 batches of 64 validation sequences, {min(2 * 64 * tiny_mds.seq_len, val_tokens):,} '
+        f"of the split's {val_tokens:,} tokens (eval_subset_num_batches: 2)"
+    ) in text
     assert f'{small.val_loss:.3f}' in text and f'{wesar.val_perplexity:.1f}' in text
     pictures = sorted(p.name for p in out.glob('*.png'))
     assert pictures == ['param_norm_L1.png', 'update_ratio_L1.png', 'update_ratio_heatmap.png']
@@ -113,8 +115,10 @@ def test_demo_runs_both_methods_and_reports(tiny_mds, tmp_path, capfd, console_b
 
 
 def test_report_says_whole_split_when_evaluation_is_not_limited():
-    assert demo._evaluated({'val_tokens': 124032, 'eval_tokens': 124032, 'eval_batches': -1, 'eval_batch_size': 64}) \
+    assert (
+        demo._evaluated({'val_tokens': 124032, 'eval_tokens': 124032, 'eval_batches': -1, 'eval_batch_size': 64})
         == 'the whole validation split (124,032 tokens)'
+    )
 
 
 def test_known_noise_is_dropped_by_logger_and_message_only():
@@ -141,8 +145,9 @@ def test_known_noise_is_dropped_by_logger_and_message_only():
         other.warning(message['transformers.modeling_utils'])
     finally:
         other.removeHandler(handler)
-    assert seen == [(name, 'Some other warning') for name in demo.KNOWN_NOISE] + \
-        [('transformers.generation.utils', message['transformers.modeling_utils'])]
+    assert seen == [(name, 'Some other warning') for name in demo.KNOWN_NOISE] + [
+        ('transformers.generation.utils', message['transformers.modeling_utils'])
+    ]
 
 
 def test_demo_reports_a_missing_yaml(tmp_path, capsys):

@@ -36,9 +36,12 @@ def test_plan_covers_the_issue_grid_most_informative_first():
     assert ex.SHAPES['deep']['n_layers'] > ex.SHAPES['base']['n_layers']
     assert ex.SHAPES['deep']['d_model'] < ex.SHAPES['base']['d_model']
     # the third seed comes last, so a deadline cuts seeds before it cuts the lr sweep or Table 6
-    assert [s.seed for s in specs[-len(ex.MAIN_METHODS) * 2:]] == [2] * len(ex.MAIN_METHODS) * 2
+    assert [s.seed for s in specs[-len(ex.MAIN_METHODS) * 2 :]] == [2] * len(ex.MAIN_METHODS) * 2
     lr = [s for s in specs if s.group == 'lr']
-    assert {s.method for s in lr} == {'small_rapid', 'wesar'} and (min(s.lr for s in lr), max(s.lr for s in lr)) == (3e-4, 3e-2)
+    assert {s.method for s in lr} == {'small_rapid', 'wesar'} and (min(s.lr for s in lr), max(s.lr for s in lr)) == (
+        3e-4,
+        3e-2,
+    )
     monitored = {(s.method, s.shape) for s in specs if s.monitor}
     assert monitored == {(m, sh) for m in ('small_rapid', 'wesar') for sh in ('base', 'deep')}
 
@@ -95,13 +98,21 @@ def test_quick_grid_writes_results_figures_and_page(tiny_mds, tmp_path, capsys):
         assert r['spikes'] == 0  # at most 8 batches, fewer than the counter's min_history of 10
     # the monitored runs: the d/u gap of the last layer, near sqrt(2N) for Small init and 1 for WeSaR
     for shape, dims in ex.QUICK_SHAPES.items():
-        small, wesar = (next(r for r in rows if r['group'] == 'main' and r['shape'] == shape and r['method'] == m)
-                        for m in ('small_rapid', 'wesar'))
+        small, wesar = (
+            next(r for r in rows if r['group'] == 'main' and r['shape'] == shape and r['method'] == m)
+            for m in ('small_rapid', 'wesar')
+        )
         assert small['d_over_u_last'] == pytest.approx(math.sqrt(2 * dims['n_layers']), rel=0.35)
         assert wesar['d_over_u_last'] == pytest.approx(1.0, rel=0.35)
     figures = out / 'figures'
-    for name in ('loss_base.png', 'loss_deep.png', 'lr_sweep.png', 'base/update_ratio_heatmap.png',
-                 'deep/param_norm_L5.png', 'deep/update_ratio_L5.png'):
+    for name in (
+        'loss_base.png',
+        'loss_deep.png',
+        'lr_sweep.png',
+        'base/update_ratio_heatmap.png',
+        'deep/param_norm_L5.png',
+        'deep/update_ratio_L5.png',
+    ):
         assert (figures / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', name
     norms = ex.table_norms(out).splitlines()
     assert len(norms) == 2 + 2 * len(ex.QUICK_SHAPES)  # header, rule, Small init and WeSaR per shape
@@ -114,11 +125,35 @@ def test_quick_grid_writes_results_figures_and_page(tiny_mds, tmp_path, capsys):
 def test_a_missing_page_is_refused_before_any_figure(tmp_path, capsys):
     results = tmp_path / 'results'
     results.mkdir()
-    tables._append_row(results / ex.RESULTS_CSV, dict(
-        group='main', method='wesar', label='WeSaR', shape='base', d_model=64, n_layers=4, seed=0, setting='rapid',
-        lr=1e-3, batch=16, steps=120, warmup=2, tokens=120 * 16 * 64, n_params=1000, val_loss=4.5,
-        val_ppl=math.exp(4.5), final_train_loss=4.5, spikes=0, diverged=0, d_over_u_last=1.0, wall_s=100.0,
-        batch_s=0.5, run_name='main-base-wesar-s0', run_id=''))
+    tables._append_row(
+        results / ex.RESULTS_CSV,
+        dict(
+            group='main',
+            method='wesar',
+            label='WeSaR',
+            shape='base',
+            d_model=64,
+            n_layers=4,
+            seed=0,
+            setting='rapid',
+            lr=1e-3,
+            batch=16,
+            steps=120,
+            warmup=2,
+            tokens=120 * 16 * 64,
+            n_params=1000,
+            val_loss=4.5,
+            val_ppl=math.exp(4.5),
+            final_train_loss=4.5,
+            spikes=0,
+            diverged=0,
+            d_over_u_last=1.0,
+            wall_s=100.0,
+            batch_s=0.5,
+            run_name='main-base-wesar-s0',
+            run_id='',
+        ),
+    )
     missing = tmp_path / 'missing.md'
     assert ex.main(['--render', str(results), '--page', str(missing)]) == 2
     err = capsys.readouterr().err
@@ -130,15 +165,45 @@ def test_render_reproduces_the_tables_from_a_results_file(tmp_path):
     rows = []
     for seed, (small, wesar) in enumerate(((5.0, 4.5), (5.2, 4.7))):
         for method, loss, spikes in (('small_rapid', small, 1), ('wesar', wesar, 0)):
-            rows.append(dict(
-                group='main', method=method, label=ex.METHODS[method][0], shape='base', d_model=64, n_layers=4,
-                seed=seed, setting='rapid', lr=1e-3, batch=16, steps=120, warmup=2, tokens=120 * 16 * 64,
-                n_params=1000, val_loss=loss, val_ppl=math.exp(loss), final_train_loss=loss, spikes=spikes,
-                diverged=0, d_over_u_last=2.8 if method == 'small_rapid' else 1.0, wall_s=100.0 + seed,
-                batch_s=0.5, run_name=f'main-base-{method}-s{seed}', run_id='',
-            ))
-    rows.append({**rows[1], 'group': 'lr', 'lr': 3e-2, 'val_loss': float('nan'), 'spikes': 2, 'diverged': 1,
-                 'run_name': 'lr-base-wesar-s0'})
+            rows.append(
+                dict(
+                    group='main',
+                    method=method,
+                    label=ex.METHODS[method][0],
+                    shape='base',
+                    d_model=64,
+                    n_layers=4,
+                    seed=seed,
+                    setting='rapid',
+                    lr=1e-3,
+                    batch=16,
+                    steps=120,
+                    warmup=2,
+                    tokens=120 * 16 * 64,
+                    n_params=1000,
+                    val_loss=loss,
+                    val_ppl=math.exp(loss),
+                    final_train_loss=loss,
+                    spikes=spikes,
+                    diverged=0,
+                    d_over_u_last=2.8 if method == 'small_rapid' else 1.0,
+                    wall_s=100.0 + seed,
+                    batch_s=0.5,
+                    run_name=f'main-base-{method}-s{seed}',
+                    run_id='',
+                )
+            )
+    rows.append(
+        {
+            **rows[1],
+            'group': 'lr',
+            'lr': 3e-2,
+            'val_loss': float('nan'),
+            'spikes': 2,
+            'diverged': 1,
+            'run_name': 'lr-base-wesar-s0',
+        }
+    )
     results = tmp_path / 'results' / ex.RESULTS_CSV
     results.parent.mkdir()
     for row in rows:

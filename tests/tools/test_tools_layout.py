@@ -185,8 +185,11 @@ def test_wesar_plot_reads_and_writes_relative_to_the_current_folder(tmp_path):
     make_store(tmp_path / 'mlruns', [('demo-small_init', True), ('demo-wesar', True)])
     done = run([script('wesar-plot'), '--out', 'plots'], cwd=tmp_path)  # default store: ./mlruns
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ['plots/update_ratio_L1.png', 'plots/param_norm_L1.png',
-                                   'plots/update_ratio_heatmap.png']
+    assert done.stdout.split() == [
+        'plots/update_ratio_L1.png',
+        'plots/param_norm_L1.png',
+        'plots/update_ratio_heatmap.png',
+    ]
     for name in done.stdout.split():
         assert (tmp_path / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
@@ -198,11 +201,35 @@ def test_wesar_experiments_renders_a_results_folder_and_page_of_the_current_fold
 
     (tmp_path / 'results').mkdir()
     for seed, loss in enumerate((4.5, 4.7)):
-        tables._append_row(tmp_path / 'results' / RESULTS_CSV, dict(
-            group='main', method='wesar', label=METHODS['wesar'][0], shape='base', d_model=64, n_layers=4,
-            seed=seed, setting='rapid', lr=1e-3, batch=16, steps=120, warmup=2, tokens=120 * 16 * 64,
-            n_params=1000, val_loss=loss, val_ppl=math.exp(loss), final_train_loss=loss, spikes=0, diverged=0,
-            d_over_u_last=1.0, wall_s=100.0, batch_s=0.5, run_name=f'main-base-wesar-s{seed}', run_id=''))
+        tables._append_row(
+            tmp_path / 'results' / RESULTS_CSV,
+            dict(
+                group='main',
+                method='wesar',
+                label=METHODS['wesar'][0],
+                shape='base',
+                d_model=64,
+                n_layers=4,
+                seed=seed,
+                setting='rapid',
+                lr=1e-3,
+                batch=16,
+                steps=120,
+                warmup=2,
+                tokens=120 * 16 * 64,
+                n_params=1000,
+                val_loss=loss,
+                val_ppl=math.exp(loss),
+                final_train_loss=loss,
+                spikes=0,
+                diverged=0,
+                d_over_u_last=1.0,
+                wall_s=100.0,
+                batch_s=0.5,
+                run_name=f'main-base-wesar-s{seed}',
+                run_id='',
+            ),
+        )
     (tmp_path / 'page.md').write_text(PAGE)
     done = run([script('wesar-experiments'), '--render', 'results', '--page', 'page.md'], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
