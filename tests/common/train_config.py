@@ -48,7 +48,7 @@ def tiny_train_config(
 
     Rapid recipe of the paper scaled down (Adam betas 0.9/0.95, lr 1e-3 with warmup and cosine
     to 0.1x, clipping 1.0, decoupled weight decay 1e-5 = torch AdamW 0.01 at lr 1e-3), CPU
-    settings of DESIGN.md (torch attention, hf RoPE, torch cross entropy, fp32). ``overrides``
+    settings (torch attention, hf RoPE, torch cross entropy, fp32). ``overrides``
     are deep-merged at the top level, e.g. ``model={'n_layers': 4}``, ``max_duration='8ba'``.
     """
     seq = data.seq_len
