@@ -6,34 +6,21 @@ DTensor). Every algorithm must give each rank, after that sequence, the weights 
 eager build of the same seed gives.
 """
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.common import APPLY_WITH_SEED, INIT_SEED, mpt_for_init
+from tests.common.launch import composer_launch
 
 WORKER = Path(__file__).with_name('distributed_init_worker.py')
-COMPOSER = Path(sys.executable).with_name('composer')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp('init')
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    cmd = [str(COMPOSER), '-n', '2', '--master_port', str(free_port()), str(WORKER), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    composer_launch(WORKER, out, timeout=400)
     return [torch.load(out / f'rank{r}.pt', weights_only=False) for r in (0, 1)]
 
 

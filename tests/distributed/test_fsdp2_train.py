@@ -13,45 +13,24 @@ ratios agree. (On NCCL the average is an average.)
 """
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.common.launch import composer_launch
+
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name('distributed_train_worker.py')
-BIN = Path(sys.executable).parent
 FSDP = {'mixed_precision': 'FULL', 'state_dict_type': 'sharded'}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def run(yaml_path: Path, out: Path, world: int, expect_ok: bool = True) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'FSDP_VERSION': '2', 'COMPOSER_DEVICE': 'cpu'}
-    cmd = [
-        str(BIN / 'composer'),
-        '-n',
-        str(world),
-        '--master_port',
-        str(free_port()),
-        str(WORKER),
-        str(yaml_path),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500, env=env, cwd=out)
-    if expect_ok:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    env = {'FSDP_VERSION': '2', 'COMPOSER_DEVICE': 'cpu'}
+    return composer_launch(WORKER, yaml_path, out, world=world, env=env, cwd=out, check=expect_ok)
 
 
 def run_here(yaml_path: Path, out: Path) -> None:

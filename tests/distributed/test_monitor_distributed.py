@@ -1,31 +1,19 @@
 """UpdateRatioMonitor across processes on CPU: DDP in a Composer Trainer, FSDP1 and FSDP2 shards."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.common.launch import composer_launch
+
 WORKER = Path(__file__).with_name('distributed_monitor_worker.py')
-COMPOSER = Path(sys.executable).with_name('composer')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp('distributed')
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    cmd = [str(COMPOSER), '-n', '2', '--master_port', str(free_port()), str(WORKER), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    composer_launch(WORKER, out, timeout=400)
     return {name: [json.loads((out / f'{name}-rank{r}.json').read_text()) for r in (0, 1)] for name in ('ddp', 'fsdp')}
 
 
