@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wesar_composer.reparam.init import draw_base_seed, normal_like, write_
 from wesar_composer.roles import unwrap
 
 __all__ = ['Reparameterized', 'ScaledLinearFunction', 'expand_rows', 'applied_method', 'check_unreparameterized']
@@ -44,6 +45,15 @@ class Reparameterized:
 
     def reset_reparameterization(self) -> None:
         raise NotImplementedError
+
+    def redraw_weight(self, std: float) -> torch.Tensor:
+        """W ~ N(0, std^2) from the module's own seed (taken from the global RNG once if it has none); the values."""
+        if getattr(self, 'init_seed', None) is None:
+            self.init_seed = draw_base_seed()
+        weight = self.weight  # type: ignore[attr-defined]
+        values = normal_like(weight, [std], self.init_seed)
+        write_(weight, values)
+        return values
 
     def fold_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The plain module's ``weight`` (and ``bias``) from this module's own state-dict tensors."""

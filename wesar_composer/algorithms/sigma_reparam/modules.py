@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from llmfoundry.models.layers.custom_embedding import SharedEmbedding
 from torch import nn
 
-from wesar_composer.reparam.init import draw_base_seed, full_tensor, normal_like, write_
+from wesar_composer.reparam.init import full_tensor, write_
 from wesar_composer.reparam.modules import Reparameterized, ScaledLinearFunction, expand_rows
 
 __all__ = ['SigmaReparamLinear', 'SigmaReparamEmbedding', 'request_power_iteration', 'SPECTRAL_BUFFERS']
@@ -80,9 +80,7 @@ class _SpectralNorm:
     def _reset_weight_and_gates(self) -> None:
         """W ~ N(0, weight_std^2) from the module's seed (kept if ``weight_std`` is None); every a <- 1; exact sigma."""
         if self.weight_std is not None:
-            if self.init_seed is None:
-                self.init_seed = draw_base_seed()
-            write_(self.weight, normal_like(self.weight, [self.weight_std], self.init_seed))
+            self.redraw_weight(self.weight_std)
         for gate in (self.gate, getattr(self, 'unembed_gate', None)):
             if gate is not None:
                 write_(gate, torch.ones(gate.shape))

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from llmfoundry.models.layers.custom_embedding import SharedEmbedding
 from torch import nn
 
-from wesar_composer.reparam.init import draw_base_seed, full_tensor, normal_like, write_
+from wesar_composer.reparam.init import full_tensor, write_
 from wesar_composer.reparam.modules import Reparameterized
 
 __all__ = ['WeightNormLinear', 'WeightNormEmbedding', 'row_norms', 'weight_norm_weight']
@@ -44,10 +44,7 @@ def row_norms(weight: torch.Tensor) -> torch.Tensor:
 def reset_weight_norm(module: nn.Module) -> None:
     """v ~ N(0, weight_std^2) from the module's seed (kept if ``weight_std`` is None), g = ||v|| per row."""
     if module.weight_std is not None:
-        if module.init_seed is None:
-            module.init_seed = draw_base_seed()
-        values = normal_like(module.weight, [module.weight_std], module.init_seed)
-        write_(module.weight, values)
+        values = module.redraw_weight(module.weight_std)
     else:
         values = full_tensor(module.weight.detach())
     write_(module.weight_g, row_norms(values))

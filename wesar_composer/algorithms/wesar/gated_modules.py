@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from llmfoundry.models.layers.custom_embedding import SharedEmbedding
 from torch import nn
 
-from wesar_composer.reparam.init import draw_base_seed, normal_like, write_
+from wesar_composer.reparam.init import write_
 from wesar_composer.reparam.modules import Reparameterized, ScaledLinearFunction, expand_rows
 
 __all__ = ['GatedLinear', 'GatedEmbedding']
@@ -31,9 +31,7 @@ METHOD = 'wesar'
 def reset_gated(module: nn.Module, weight_std: float | None, gate_init: Sequence[float]) -> None:
     """W ~ N(0, weight_std^2) from the module's own seed (kept as is if ``weight_std`` is None); gate <- gate_init."""
     if weight_std is not None:
-        if module.init_seed is None:
-            module.init_seed = draw_base_seed()
-        write_(module.weight, normal_like(module.weight, [weight_std], module.init_seed))
+        module.redraw_weight(weight_std)
     write_(module.gate, torch.tensor(gate_init))
 
 
