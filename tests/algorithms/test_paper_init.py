@@ -123,7 +123,10 @@ def test_without_embedding_scaling_the_embedding_stays_plain():
 def test_algorithm_from_the_registry():
     algorithm = build_algorithm('paper_init', {'backbone': 'he'})
     assert isinstance(algorithm, PaperInit) and algorithm.backbone == 'he'
-    assert repr(algorithm) == "PaperInit(backbone='he', embedding_scaling=True, role_map=None, init_mode='auto')"
+    assert (
+        repr(algorithm)
+        == "PaperInit(backbone='he', embedding_scaling=True, role_map=None, init_mode='auto', matrix_lr_sigma_squared=None)"
+    )
     assert PaperInit.required_on_load()
 
 

@@ -4,6 +4,9 @@ Small init (Nguyen and Salazar 2019):  W ~ N(0, 2 / (5d)) for every matrix.
 He init (He et al. 2015):              W ~ N(0, gain^2 / d_in), gain sqrt(2) for W_d, else 1.
 Both:                                  W_o and W_d (residual writers) divided by sqrt(2N);
                                        embedding output multiplied by 1 / std(W_e).
+Optional (``matrix_lr_sigma_squared``): each matrix's learning rate multiplied by s_r / sigma.
+                                       Under Adam this is the step WeSaR with fixed gates
+                                       a_r = s_r / sigma takes on a_r W, with no gate to compute.
 
 These are the stds WeSaR's virtual parameters a_r * W start from (same role discovery, same
 ``backbone_std``), carried here by the weights themselves with no gates: the paper's
@@ -14,6 +17,7 @@ These are the stds WeSaR's virtual parameters a_r * W start from (same role disc
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Optional, Union
 
@@ -23,7 +27,7 @@ from torch.optim import Optimizer
 
 from wesar_composer.algorithms.paper_init.scaled_embedding import ScaledEmbedding
 from wesar_composer.reparam.algorithm import ReparamAlgorithm
-from wesar_composer.reparam.checks import check_bool, check_choice, check_optimizers, check_role_map
+from wesar_composer.reparam.checks import check_bool, check_choice, check_optimizers, check_positive, check_role_map
 from wesar_composer.reparam.init import draw_base_seed, matrix_seed, normal_like, write_
 from wesar_composer.reparam.surgery import adopt, discover, is_meta, route_param_init_fn, swap_modules
 from wesar_composer.roles import BACKBONES, MatrixSpec, backbone_std, embedding_std, find_matrices, model_shape
@@ -42,11 +46,19 @@ def check_backbone(backbone: str) -> None:
     check_choice('backbone', backbone, BACKBONES)
 
 
-def check_hparams(backbone: str, embedding_scaling: bool, role_map, init_mode: str) -> None:
+def check_hparams(
+    backbone: str,
+    embedding_scaling: bool,
+    role_map,
+    init_mode: str,
+    matrix_lr_sigma_squared: Optional[float] = None,
+) -> None:
     check_backbone(backbone)
     check_bool('embedding_scaling', embedding_scaling)
     check_role_map(role_map)
     check_choice('init_mode', init_mode, INIT_MODES)
+    if matrix_lr_sigma_squared is not None:
+        check_positive('matrix_lr_sigma_squared', matrix_lr_sigma_squared)
 
 
 def paper_init_stds(
@@ -72,6 +84,7 @@ def apply_paper_init(
     role_map: Optional[Mapping[str, str]] = None,
     init_mode: str = 'auto',
     seed: Optional[int] = None,
+    matrix_lr_sigma_squared: Optional[float] = None,
 ) -> nn.Module:
     """Initialize every weight matrix of ``model`` with its Table 1 std and add embedding scaling.
 
@@ -83,12 +96,29 @@ def apply_paper_init(
     ``param_init_fn`` is routed). Each matrix is drawn from its own seed (``seed`` and its name),
     the same on every rank. ``init_mode='auto'`` refuses a model loaded with ``from_pretrained``;
     ``'reinit'`` re-initializes it. Errors are raised before the model changes.
+
+    ``matrix_lr_sigma_squared``: move each matrix (the embedding too) into a param group of
+    ``optimizers`` whose learning rate is the run's times s_r / sigma, sigma^2 this value. With
+    Adam the step on W does not depend on W's scale, so WeSaR with fixed gates a_r = s_r / sigma
+    moves a_r W by lr * s_r / sigma; this gives the gate-free model the same steps (apart from
+    Adam's epsilon, gradient clipping, which sees other gradients, and weight decay, which
+    Composer's ``decoupled_adamw`` applies at the same rate to both). On the Small backbone with
+    sigma^2 = 2 / (5d) only W_o and W_d change: their learning rate is divided by sqrt(2N).
     """
-    check_hparams(backbone, embedding_scaling, role_map, init_mode)
-    check_optimizers(METHOD, optimizers)
+    check_hparams(backbone, embedding_scaling, role_map, init_mode, matrix_lr_sigma_squared)
+    optimizers = check_optimizers(METHOD, optimizers)
+    if matrix_lr_sigma_squared is not None and not optimizers:
+        raise ValueError('paper_init: matrix_lr_sigma_squared needs the optimizer; pass optimizers=.')
     shape, specs, _ = discover(model, METHOD, role_map, init_mode, INIT_MODES)
     base_seed = draw_base_seed() if seed is None else int(seed)
     stds = [(spec, tuple(backbone_std(role, spec.d_in, shape, backbone) for role in spec.roles)) for spec in specs]
+    if matrix_lr_sigma_squared is not None:
+        if shape.tied_embeddings:
+            raise ValueError(
+                'paper_init: matrix_lr_sigma_squared needs untied embeddings: a tied W_e is also the head, '
+                "whose gate in WeSaR differs from the embedding's, so no one learning rate matches both.",
+            )
+        lr_factors = _matrix_lr_factors(stds, optimizers[0], math.sqrt(matrix_lr_sigma_squared))
 
     for spec, role_stds in stds:
         setattr(spec.module, INIT_ATTR, (spec.slice_sizes, role_stds, matrix_seed(base_seed, spec.name)))
@@ -106,7 +136,56 @@ def apply_paper_init(
             init_matrix(module)
     route_param_init_fn(model, _init_if_marked, METHOD)
     log.info('paper_init: %s init of %d matrices (embedding scaling %s).', backbone, len(stds), embedding_scaling)
+    if matrix_lr_sigma_squared is not None:
+        _split_param_groups(optimizers[0], lr_factors)
+        log.info(
+            'paper_init: per-matrix learning rates lr * s_r / sigma (sigma^2=%g): factors %s.',
+            matrix_lr_sigma_squared,
+            ', '.join(f'{f:.3g}' for f in sorted({f for _, f in lr_factors})),
+        )
     return model
+
+
+def _matrix_lr_factors(
+    stds: list[tuple[MatrixSpec, tuple[float, ...]]], optimizer: Optimizer, sigma: float
+) -> list[tuple[nn.Parameter, float]]:
+    """(weight, s_r / sigma) of every matrix; refuses a weight whose slices differ in s_r or that the optimizer lacks."""
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group['params']}
+    factors = []
+    for spec, role_stds in stds:
+        if max(role_stds) > min(role_stds) * (1 + 1e-9):
+            raise ValueError(
+                f'paper_init: matrix_lr_sigma_squared needs one std per parameter, but {spec.name} has '
+                f'slices of stds {role_stds} (roles {spec.roles}).',
+            )
+        if id(spec.module.weight) not in in_optimizer:
+            raise ValueError(f'paper_init: matrix_lr_sigma_squared: {spec.name}.weight is not in the optimizer.')
+        factors.append((spec.module.weight, role_stds[0] / sigma))
+    return factors
+
+
+def _split_param_groups(optimizer: Optimizer, factors: list[tuple[nn.Parameter, float]]) -> None:
+    """Move each weight out of its group into a copy of that group with lr (and initial_lr) times its factor."""
+    moved = {id(p): f for p, f in factors}
+    new_groups: dict[tuple[int, float], dict] = {}
+    for index, group in enumerate(list(optimizer.param_groups)):
+        keep = []
+        for p in group['params']:
+            if id(p) not in moved:
+                keep.append(p)
+                continue
+            key = (index, moved[id(p)])
+            if key not in new_groups:
+                new = {k: v for k, v in group.items() if k != 'params'}
+                for name in ('lr', 'initial_lr'):
+                    if name in new:
+                        new[name] = new[name] * moved[id(p)]
+                new_groups[key] = {**new, 'params': []}
+            new_groups[key]['params'].append(p)
+        group['params'] = keep
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g['params']]
+    for group in new_groups.values():
+        optimizer.add_param_group(group)
 
 
 def _scaled_embedding(old: nn.Embedding, scale: float) -> ScaledEmbedding:
@@ -158,6 +237,8 @@ class PaperInit(ReparamAlgorithm):
         embedding_scaling: multiply the embedding output by 1 / std(W_e) (default on, as in the paper).
         role_map: extra ``{regex: role}`` entries for architectures the default map misses.
         init_mode: ``'auto'`` (default: refuse pretrained weights) or ``'reinit'`` (discard them).
+        matrix_lr_sigma_squared: if set, each matrix's learning rate times s_r / sigma (see
+            :func:`apply_paper_init`): the steps of WeSaR with fixed gates, without the gates.
     """
 
     method = METHOD
@@ -169,8 +250,10 @@ class PaperInit(ReparamAlgorithm):
         embedding_scaling: bool = True,
         role_map: Optional[Mapping[str, str]] = None,
         init_mode: str = 'auto',
+        matrix_lr_sigma_squared: Optional[float] = None,
     ):
-        check_hparams(backbone, embedding_scaling, role_map, init_mode)
+        check_hparams(backbone, embedding_scaling, role_map, init_mode, matrix_lr_sigma_squared)
+        self.matrix_lr_sigma_squared = matrix_lr_sigma_squared
         self.backbone = backbone
         self.embedding_scaling = embedding_scaling
         self.role_map = dict(role_map) if role_map else None
@@ -179,7 +262,8 @@ class PaperInit(ReparamAlgorithm):
     def __repr__(self) -> str:
         return (
             f'{self.__class__.__name__}(backbone={self.backbone!r}, '
-            f'embedding_scaling={self.embedding_scaling}, role_map={self.role_map}, init_mode={self.init_mode!r})'
+            f'embedding_scaling={self.embedding_scaling}, role_map={self.role_map}, init_mode={self.init_mode!r}, '
+            f'matrix_lr_sigma_squared={self.matrix_lr_sigma_squared})'
         )
 
     def apply_to(self, model, optimizers, *, init_mode, seed):
@@ -191,4 +275,5 @@ class PaperInit(ReparamAlgorithm):
             role_map=self.role_map,
             init_mode=init_mode,
             seed=seed,
+            matrix_lr_sigma_squared=self.matrix_lr_sigma_squared,
         )

@@ -29,7 +29,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='wesar-experiments', description=_DESCRIPTION)
     parser.add_argument('--out', default='runs/reproduction', help='results folder (default runs/reproduction)')
     parser.add_argument('--quick', action='store_true', help='tiny models, a few steps, one seed: minutes')
-    parser.add_argument('--groups', nargs='+', default=['main', 'reparam', 'lr'], choices=['main', 'reparam', 'lr'])
+    parser.add_argument(
+        '--groups', nargs='+', default=['main', 'reparam', 'lr'], choices=['main', 'reparam', 'lr', 'study']
+    )
     parser.add_argument('--jobs', type=int, default=1, help='runs at a time, one torch thread each when > 1')
     parser.add_argument('--steps', type=int, default=None, help='rapid steps (stable: a quarter)')
     parser.add_argument('--seeds', type=int, nargs='+', default=None)

@@ -14,6 +14,9 @@ __all__ = [
     'REPARAM_METHODS',
     'LR_METHODS',
     'FIGURE_METHODS',
+    'STUDY_ARMS',
+    'STUDY_LRS',
+    'study_sigma_squared',
     'SHAPES',
     'QUICK_SHAPES',
     'SETTINGS',
@@ -29,6 +32,7 @@ __all__ = [
 
 METHOD_PARTS = 'yamls/method'  # package data of wesar_composer.tools: the paper recipes' method parts
 RECORDER_CALLBACK = 'wesar_experiment_recorder'
+MLFLOW_EXPERIMENT = 'wesar-reproduction'
 
 # method key -> (label, method part in METHOD_PARTS, setting)
 METHODS: dict[str, tuple[str, str, str]] = {
@@ -42,16 +46,51 @@ METHODS: dict[str, tuple[str, str, str]] = {
     'sigma_reparam': ('sigma-Reparam (pre-LN)', 'sigma_reparam', 'rapid'),
     'residual_scaling_he': ('Residual scaling w/ He', 'residual_scaling_he', 'rapid'),
     'residual_scaling_small': ('Residual scaling w/ Small', 'residual_scaling_small', 'rapid'),
+    # the study (docs/reproduction.md): arms whose algorithms depend on the width, built by _study_algorithms
+    'wesar_width': ('WeSaR, sigma^2 = 0.081/d', '', 'rapid'),
+    'matrix_lr': ('He init, lr x s_r/sigma (no gates)', '', 'rapid'),
+    'small_od_lr': ('Small init, W_o/W_d lr / sqrt(2N)', '', 'rapid'),
+    'small_qkln': ('Small init + qk-LayerNorm', 'small_init', 'rapid'),
 }
 MAIN_METHODS = ('small_rapid', 'small_stable', 'he', 'wesar', 'wesar_small', 'wesar_fixed')
 REPARAM_METHODS = ('weight_norm', 'sigma_reparam', 'residual_scaling_he', 'residual_scaling_small')
 LR_METHODS = ('small_rapid', 'wesar')
 FIGURE_METHODS = ('small_rapid', 'wesar')  # these, first seed: update-ratio monitor and MLflow
+# The study: every arm at every study shape, except the literal sigma^2 = 4e-5 ('wesar') at the first.
+STUDY_ARMS = ('small_rapid', 'wesar_width', 'matrix_lr', 'small_od_lr', 'small_qkln')
+STUDY_LITERAL = 'wesar'
+# Half-decades around each family's optimum and past it: WeSaR's actual weights are smaller,
+# so the same lr is a larger relative step (lr / sigma against lr / s_small).
+_SMALL_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+_SIGMA_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+STUDY_LRS = {
+    'small_rapid': _SMALL_LRS,
+    'small_od_lr': _SMALL_LRS,
+    'small_qkln': _SMALL_LRS,
+    'wesar_width': _SIGMA_LRS,
+    'matrix_lr': _SIGMA_LRS,
+    'wesar': _SIGMA_LRS,
+}
+WIDTH_SIGMA_CONSTANT = 0.081  # sigma^2 = 0.081 / d: the paper's 4e-5 at d = 2048, sigma / s_small(d) = 0.45 at any d
+
+
+def study_sigma_squared(method: str, d_model: int) -> float:
+    """sigma^2 of a study arm: width-scaled for WeSaR and its per-matrix-lr twin, Small's own std for small_od_lr."""
+    if method in ('wesar_width', 'matrix_lr'):
+        return WIDTH_SIGMA_CONSTANT / d_model
+    if method == 'small_od_lr':
+        return 2.0 / (5.0 * d_model)
+    raise ValueError(f'no study sigma^2 for method {method!r}')
+
 
 # Model shapes: d_model, n_layers, n_heads. `deep` is deep and narrow: 1/sqrt(2N) = 1/sqrt(32).
 SHAPES: dict[str, dict[str, int]] = {
     'base': {'d_model': 64, 'n_layers': 4, 'n_heads': 4},
     'deep': {'d_model': 32, 'n_layers': 16, 'n_heads': 4},
+    # the study: three depths at d 64 (base is d64-L4) and a second width
+    'd64-L2': {'d_model': 64, 'n_layers': 2, 'n_heads': 4},
+    'd64-L8': {'d_model': 64, 'n_layers': 8, 'n_heads': 4},
+    'd128-L4': {'d_model': 128, 'n_layers': 4, 'n_heads': 4},
 }
 
 
@@ -74,6 +113,9 @@ class Scale:
     max_chars: Optional[int] = None
     every_method_every_shape: bool = True  # False: shapes after the first run Small init and WeSaR only
     lr_seeds: tuple[int, ...] = (0,)  # the first one runs before Table 6, the others last
+    study_shapes: tuple[str, ...] = ('base', 'd64-L2', 'd64-L8', 'd128-L4')  # literal sigma^2 at the first
+    study_seeds: tuple[int, ...] = (0, 1)
+    study_lr_points: int = 5  # the first n of each arm's STUDY_LRS
 
 
 FULL = Scale(
@@ -106,6 +148,9 @@ QUICK = Scale(
     reparam_seeds=(0,),
     max_chars=300_000,
     every_method_every_shape=False,
+    study_shapes=('base', 'deep'),
+    study_seeds=(0,),
+    study_lr_points=2,
 )
 QUICK_SHAPES = {
     'base': {'d_model': 32, 'n_layers': 2, 'n_heads': 2},
@@ -180,6 +225,14 @@ def plan(scale: Scale, groups: Sequence[str] = ('main', 'reparam', 'lr')) -> lis
         main_runs(scale.seeds[2:])
     if 'lr' in groups:
         lr_runs(scale.lr_seeds[1:])
+    if 'study' in groups:
+        for i, shape in enumerate(scale.study_shapes):  # the depth series first, both seeds; a deadline cuts the width
+            for seed in scale.study_seeds:
+                arms = STUDY_ARMS + ((STUDY_LITERAL,) if i == 0 else ())
+                for method in arms:
+                    for lr in STUDY_LRS[method][: scale.study_lr_points]:
+                        monitor = seed == scale.study_seeds[0]
+                        specs.append(RunSpec('study', method, shape, seed, lr, monitor))
     return specs
 
 
@@ -199,12 +252,32 @@ def run_settings(spec: RunSpec, scale: Scale) -> dict[str, Any]:
     }
 
 
-def _method_algorithms(method: str) -> dict[str, Any]:
+def _method_algorithms(method: str, shape: dict[str, int]) -> dict[str, Any]:
     from omegaconf import OmegaConf as om
 
-    with method_part(METHODS[method][1]).open() as f:
-        part = cast(dict[str, Any], om.to_container(om.load(f)))['algorithms']
+    if METHODS[method][1]:
+        with method_part(METHODS[method][1]).open() as f:
+            part = cast(dict[str, Any], om.to_container(om.load(f)))['algorithms']
+    else:
+        part = _study_algorithms(method, shape['d_model'])
     return {'gradient_clipping': '${variables.clipping}', 'z_loss': '${variables.z_loss}', **part}
+
+
+def _study_algorithms(method: str, d_model: int) -> dict[str, Any]:
+    """The algorithms of a study arm whose sigma^2 depends on the width."""
+    sigma_squared = study_sigma_squared(method, d_model)
+    if method == 'wesar_width':
+        return {
+            'wesar': {
+                'sigma_squared': sigma_squared,
+                'backbone': 'he',
+                'trainable_gates': True,
+                'gate_weight_decay': 0.0,
+                'embedding_scaling': True,
+            }
+        }
+    backbone = 'he' if method == 'matrix_lr' else 'small'
+    return {'paper_init': {'backbone': backbone, 'embedding_scaling': True, 'matrix_lr_sigma_squared': sigma_squared}}
 
 
 def build_config(
@@ -233,12 +306,14 @@ def build_config(
             'max_seq_len': scale.seq_len,
             'global_seed': spec.seed,
             'run_name': spec.name,
-            'mlflow_experiment': 'wesar-reproduction',
+            'mlflow_experiment': MLFLOW_EXPERIMENT,
             'mlflow_tracking_uri': tracking_uri,
         }
     )
-    container['variables']['algorithms_of'] = {spec.method: _method_algorithms(spec.method)}
+    container['variables']['algorithms_of'] = {spec.method: _method_algorithms(spec.method, shape)}
     container['model'].update(shape)
+    if spec.method == 'small_qkln':
+        container['model']['attn_config']['qk_ln'] = True
     container.update(
         {
             'global_train_batch_size': s['batch'],
@@ -258,6 +333,8 @@ def build_config(
     if spec.monitor:
         # every layer: the heatmap and the d/u gap of each layer
         callbacks['update_ratio_monitor'] = {'log_interval': scale.monitor_interval, 'layers': 'all'}
+        if spec.group == 'study':  # the d/u gap only
+            callbacks['update_ratio_monitor'].update(log_interval=2 * scale.monitor_interval, families=['update_ratio'])
     else:
         callbacks.pop('update_ratio_monitor', None)
         container['loggers'] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import statistics
 import time
 from collections.abc import Sequence
@@ -12,11 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, cast
 
+import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 
 from wesar_composer.tools.experiments.grid import (
     METHODS,
+    MLFLOW_EXPERIMENT,
     RECORDER_CALLBACK,
     TAG,
     RunSpec,
@@ -28,11 +31,12 @@ from wesar_composer.tools.experiments.grid import (
 )
 from wesar_composer.tools.experiments.tables import RESULTS_CSV, Row, _append_row, read_results
 
-__all__ = ['LossRecorder', 'diverged', 'run_one', 'run_grid']
+__all__ = ['LossRecorder', 'diverged', 'max_attention_logit', 'run_one', 'run_grid']
 
 
 class LossRecorder(Callback):
-    """Keeps the training loss and the time of every batch; writes them as JSON at the end of training."""
+    """Keeps the training loss and the time of every batch; writes them as JSON at the end of training,
+    with the largest attention logit of the trained model on the last training batch."""
 
     def __init__(self, path: str):
         self.path = path
@@ -51,14 +55,55 @@ class LossRecorder(Callback):
 
     def fit_end(self, state: State, logger: Logger) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        logit = max_attention_logit(state.model, state.batch)
         Path(self.path).write_text(
             json.dumps(
                 {
                     'loss': [None if not math.isfinite(x) else x for x in self.losses],
                     'batch_s': self.batch_seconds,
+                    'max_attn_logit': logit if math.isfinite(logit) else None,
                 }
             )
         )
+
+
+@torch.no_grad()
+def max_attention_logit(model: torch.nn.Module, batch) -> float:
+    """Largest q . k * softmax_scale over heads and causal positions of every attention layer, on ``batch``.
+
+    Wraps each llm-foundry attention module's ``attn_fn`` for one forward pass in eval mode; it
+    sees q and k after qk-LayerNorm and RoPE. NaN if the model has no such module.
+    """
+    found: list[float] = []
+    wrapped = []
+    for module in model.modules():
+        fn = getattr(module, 'attn_fn', None)
+        if not callable(fn):
+            continue
+
+        def recording(query, key, value, n_heads, kv_n_heads, *args, _fn=fn, **kwargs):
+            q = query.unflatten(-1, (n_heads, -1)).transpose(1, 2).float()
+            k = key.unflatten(-1, (kv_n_heads, -1)).transpose(1, 2).float()
+            k = k.repeat_interleave(n_heads // kv_n_heads, dim=1)
+            scale = kwargs.get('softmax_scale') or 1 / math.sqrt(q.shape[-1])
+            logits = q @ k.transpose(-1, -2) * scale
+            causal = torch.ones(logits.shape[-2:], dtype=torch.bool, device=logits.device).tril()
+            found.append(logits.masked_select(causal.expand_as(logits)).max().item())
+            return _fn(query, key, value, n_heads, kv_n_heads, *args, **kwargs)
+
+        wrapped.append((module, fn))
+        module.attn_fn = recording
+    if not wrapped:
+        return float('nan')
+    was_training = model.training
+    model.eval()
+    try:
+        model(batch)
+    finally:
+        model.train(was_training)
+        for module, fn in wrapped:
+            module.attn_fn = fn
+    return max(found) if found else float('nan')
 
 
 def _register_callbacks() -> None:
@@ -104,7 +149,17 @@ def run_one(
     tracking_uri = str((out / 'mlruns').resolve())
     cfg = build_config(spec, scale, shapes, data_root, tracking_uri, out, demo_yaml)
     (out / 'logs').mkdir(parents=True, exist_ok=True)
-    result = demo.train_one(cfg, spec.method, out / 'logs' / f'{spec.name}.log', tag=TAG, label=spec.name)
+    for attempt in range(3):
+        try:
+            result = demo.train_one(cfg, spec.method, out / 'logs' / f'{spec.name}.log', tag=TAG, label=spec.name)
+            break
+        except FileExistsError as e:
+            # two processes that open streaming datasets at the same moment can pick the same
+            # shared-memory name; the dataset is not built yet, so the run starts again
+            if attempt == 2:
+                raise
+            _say(f'{spec.name}: {e}; starting again')
+            time.sleep(1 + random.random() * 2)
     d_over_u_last = float('nan')
     if result.run_id is not None:
         _, last = demo.update_ratio_gap(tracking_uri, result.run_id)
@@ -137,6 +192,7 @@ def run_one(
         d_over_u_last=d_over_u_last,
         wall_s=result.wall_seconds,
         batch_s=statistics.median(record['batch_s']) if record['batch_s'] else float('nan'),
+        max_attn_logit=float('nan') if record.get('max_attn_logit') is None else record['max_attn_logit'],
         run_name=spec.name,
         run_id=result.run_id or '',
     )
@@ -171,6 +227,12 @@ def run_grid(
     results_path = out_dir / RESULTS_CSV
     done = {r['run_name'] for r in read_results(results_path)}
     todo = [s for s in plan(scale, groups) if s.name not in done]
+    if any(s.monitor for s in todo):  # created once here: two workers creating it at once collide
+        import mlflow
+
+        mlflow.set_tracking_uri(str((out_dir / 'mlruns').resolve()))
+        if mlflow.get_experiment_by_name(MLFLOW_EXPERIMENT) is None:
+            mlflow.create_experiment(MLFLOW_EXPERIMENT)
     _say(f'{len(todo)} runs to make ({len(done)} already in {results_path}), {jobs} at a time')
     start = time.perf_counter()
     queue = list(todo)

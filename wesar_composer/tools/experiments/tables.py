@@ -48,6 +48,7 @@ class Row:
     batch_s: float  # median seconds per training batch (less sensitive to a shared machine's load)
     run_name: str
     run_id: str
+    max_attn_logit: float = float('nan')  # largest attention logit of the trained model (last batch)
 
 
 CSV_FIELDS = [f.name for f in fields(Row)]
@@ -73,8 +74,17 @@ def read_results(path: Path) -> list[dict[str, Any]]:
                 'diverged',
             ):
                 row[name] = int(row[name])
-            for name in ('lr', 'val_loss', 'val_ppl', 'final_train_loss', 'd_over_u_last', 'wall_s', 'batch_s'):
-                row[name] = float(row[name]) if row[name] not in ('', None) else float('nan')
+            for name in (
+                'lr',
+                'val_loss',
+                'val_ppl',
+                'final_train_loss',
+                'd_over_u_last',
+                'wall_s',
+                'batch_s',
+                'max_attn_logit',
+            ):
+                row[name] = float(row[name]) if row.get(name) not in ('', None) else float('nan')
             rows.append(row)
     return rows
 
