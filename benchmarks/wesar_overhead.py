@@ -12,7 +12,12 @@ Variants:
   wesar-autograd a * W by plain autograd (keeps a * W alive until backward)
   output-scaling a * (x W^T) by plain autograd (keeps the output for the gate's gradient)
 
-Run: .venv/bin/python benchmarks/wesar_overhead.py [--shape 130m|1.3b] [--device cpu|cuda]
+Architectures: ``mpt`` (llm-foundry's MPT, the paper's shape: FFN 4d gelu; ``attn_impl: torch``
+on CPU, ``flash`` on CUDA when flash-attn is installed, else ``torch``) and ``llama``
+(transformers' Llama through llm-foundry's ``hf_causal_lm``: SwiGLU FFN of 8d/3, PyTorch SDPA
+attention, which runs the fused flash kernel on CUDA without the flash-attn package).
+
+Run: .venv/bin/python benchmarks/wesar_overhead.py [--shape 130m|1.3b] [--device cpu|cuda] [--arch mpt|llama]
 """
 
 from __future__ import annotations
@@ -34,10 +39,22 @@ SHAPES = {
 VARIANTS = ('plain', 'wesar', 'weight-scaling', 'wesar-autograd', 'output-scaling')
 
 
-def build(variant: str, shape: str, seq_len: int, device: str):
+def _flash_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec('flash_attn') is not None
+
+
+def build(variant: str, shape: str, seq_len: int, device: str, arch: str = 'mpt'):
+    if arch == 'llama':
+        model = _llama(shape, seq_len).to(device)
+        if variant != 'plain':
+            apply_wesar(model)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     from llmfoundry.models.mpt import ComposerMPTCausalLM
 
-    attn = {'attn_impl': 'flash' if device == 'cuda' else 'torch', 'rope': True, 'rope_impl': 'hf'}
+    flash = device == 'cuda' and _flash_installed()
+    attn = {'attn_impl': 'flash' if flash else 'torch', 'rope': True, 'rope_impl': 'hf'}
     model = ComposerMPTCausalLM(
         **SHAPES[shape],
         expansion_ratio=4,
@@ -54,6 +71,35 @@ def build(variant: str, shape: str, seq_len: int, device: str):
     if variant != 'plain':
         apply_wesar(model)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+
+
+def _llama(shape: str, seq_len: int):
+    import tempfile
+
+    from llmfoundry.models.hf import ComposerHFCausalLM
+    from transformers import LlamaConfig
+
+    dims = SHAPES[shape]
+    d = dims['d_model']
+    config = LlamaConfig(
+        hidden_size=d,
+        intermediate_size=256 * round(8 * d / 3 / 256),  # SwiGLU at about the parameters of a 4d FFN
+        num_attention_heads=dims['n_heads'],
+        num_key_value_heads=dims['n_heads'],
+        num_hidden_layers=dims['n_layers'],
+        vocab_size=32000,
+        max_position_embeddings=seq_len,
+        tie_word_embeddings=False,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)
+        return ComposerHFCausalLM(
+            tokenizer=None,
+            pretrained_model_name_or_path=folder,
+            pretrained=False,
+            use_train_metrics=False,
+            config_overrides={'_attn_implementation': 'sdpa'},
+        )
 
 
 PRODUCT_FORWARD = GatedLinear.forward  # kept before any variant is swapped in
@@ -122,7 +168,7 @@ def time_side_by_side(args) -> tuple[dict[str, float], dict[str, float], dict[st
     models = {}
     for v in variants:
         torch.manual_seed(0)
-        models[v] = build(v, args.shape, args.seq_len, args.device)
+        models[v] = build(v, args.shape, args.seq_len, args.device, args.arch)
     batch = make_batch(args.batch_size, args.seq_len, args.device)
     times = {v: [] for v in variants}
     for i in range(args.warmup + args.steps):
@@ -178,6 +224,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--shape', choices=sorted(SHAPES), default='130m')
     parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
+    parser.add_argument('--arch', choices=['mpt', 'llama'], default='mpt')
     parser.add_argument('--batch-size', type=int, default=2)
     parser.add_argument('--seq-len', type=int, default=512)
     parser.add_argument('--steps', type=int, default=10)
@@ -190,7 +237,8 @@ def main() -> None:
     medians, ratios, memory = time_side_by_side(args)
     tokens = args.batch_size * args.seq_len
     print(
-        f'shape {args.shape}, device {args.device}, {tokens} tokens per step, median of {args.steps} interleaved steps'
+        f'{args.arch} {args.shape}, device {args.device}, {tokens} tokens per step, '
+        f'median of {args.steps} interleaved steps'
     )
     print(f'{"variant":<16}{"step s":>10}{"time vs plain":>16}{"peak MiB":>12}{"memory vs plain":>18}')
     for v, t in medians.items():

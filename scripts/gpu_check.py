@@ -1,188 +1,231 @@
-"""GPU check of the paths a cluster run takes: one script, one table, under 8 minutes on one H100.
+"""GPU check: the gate's step-time cost on a GPU, and the paths a cluster run takes, in one budgeted call.
 
-Runs the 130M paper YAML (yamls/paper/*-130m-rapid.yaml) shortened to a few dozen steps on
-the offline corpus (``wesar-data``), WeSaR and Small init, through ``composer -n 1`` and
-llm-foundry's train path, with the cluster settings: ``init_device: meta``, ``amp_bf16``,
-flash attention, and
+Stages, in this order, each in its own process with a share of ``--budget-s`` (a stage that
+runs out of time is reported as such and the next one starts):
 
-- FSDP1 FULL_SHARD, mixed precision PURE;
-- FSDP2 (``FSDP_VERSION=2``);
-- FSDP1 with ``compile_config: {}``;
-- a sharded checkpoint at batch 20 and a resumed run to batch 30 (its batch-21 loss beside the
-  uninterrupted run's);
-- the ``hf_checkpointer`` export loaded by plain ``transformers`` (no gate key, finite logits);
+1. ``benchmarks/wesar_overhead.py --device cuda``: gated / plain step time and peak memory,
+   8 x 2048-token batches, bf16 autocast, AdamW: Llama (PyTorch SDPA attention) at 130M and
+   1.3B, and llm-foundry's MPT at 130M (``attn_impl: flash`` where flash-attn is installed,
+   else ``torch``).
+2. llm-foundry's train path under ``composer -n 1`` on the demo YAML's model (d 128, 4 layers),
+   WeSaR with the update-ratio monitor and the spike counter, ``init_device: meta``,
+   ``precision: amp_bf16``, 20 batches:
 
-then the gated / plain step-time ratio of ``benchmarks/wesar_overhead.py`` at 130M and 1.3B,
-8 x 2048-token micro-batches in bf16.
+   - FSDP1 FULL_SHARD, mixed precision PURE;
+   - FSDP2 (``FSDP_VERSION=2``);
+   - FSDP1 with ``compile_config: {}``;
+   - FSDP1 with a sharded checkpoint and an ``hf_checkpointer`` export at batch 10, then a run
+     resumed from that checkpoint (its losses of batches 11 to 20 beside the uninterrupted run's);
+   - the export loaded by plain ``transformers`` (no gate key; logits finite).
 
-Needs the package installed with its stack plus flash-attn (``pip install -e . flash-attn``).
-Run from the repository root:  python scripts/gpu_check.py [--out runs/gpu_check] [--steps 30]
+Needs the package installed (its entry points register the algorithms with llm-foundry) and a
+dataset built by ``wesar-data`` (default ``data/shakespeare-v4096-s128``). Writes
+``OUT/table.md`` and ``OUT/logs.tar.gz``; prints the table last.
+
+Run from the repository root:  python scripts/gpu_check.py --out runs/gpu_check [--budget-s 480]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-METHODS = {'wesar': 'wesar', 'small': 'small_init'}
+BENCH = [('llama', '130m'), ('llama', '1.3b'), ('mpt', '130m')]
 
 
-def sh(cmd: list[str], log: Path, env: dict | None = None, timeout: int = 900) -> tuple[int, float]:
-    """Run ``cmd`` with its output in ``log``; (return code, seconds)."""
+class Budget:
+    def __init__(self, seconds: float):
+        self.end = time.time() + seconds
+
+    def left(self) -> float:
+        return self.end - time.time()
+
+
+def sh(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> tuple[str, float]:
+    """Run ``cmd`` with its output in ``log``: ('ok' | 'exit N' | 'timeout', seconds)."""
     start = time.time()
     with open(log, 'w') as f:
-        proc = subprocess.run(
-            cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT
-        )
-    return proc.returncode, time.time() - start
+        try:
+            proc = subprocess.run(
+                cmd,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})},
+                timeout=max(timeout, 1),
+                cwd=ROOT,
+            )
+            result = 'ok' if proc.returncode == 0 else f'exit {proc.returncode}'
+        except subprocess.TimeoutExpired:
+            result = 'timeout'
+    return result, time.time() - start
 
 
-def train(name: str, method: str, out: Path, data: Path, steps: int, extra: list[str], env: dict | None = None):
-    """One shortened 130M run; returns (ok, seconds, losses by batch)."""
-    run_dir = out / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    yaml_path = ROOT / 'yamls' / 'paper' / f'{METHODS[method]}-130m-rapid.yaml'
+def last_error(log: Path) -> str:
+    lines = [x for x in log.read_text(errors='replace').splitlines() if x.strip()]
+    errors = [x for x in lines if re.search(r'(Error|Exception)\b', x)]
+    return (errors or lines or [''])[-1].strip()[:200]
+
+
+def bench(out: Path, budget: Budget, rows: list) -> None:
+    for i, (arch, shape) in enumerate(BENCH):
+        log = out / f'bench-{arch}-{shape}.log'
+        cmd = [
+            sys.executable,
+            'benchmarks/wesar_overhead.py',
+            '--device',
+            'cuda',
+            '--arch',
+            arch,
+            '--shape',
+            shape,
+            '--batch-size',
+            '8',
+            '--seq-len',
+            '2048',
+            '--steps',
+            '8',
+            '--warmup',
+            '3',
+            '--variants',
+            'wesar',
+        ]
+        result, seconds = sh(cmd, log, min(150, budget.left() * 0.45 / (len(BENCH) - i)))
+        text = log.read_text(errors='replace')
+        plain = re.search(r'^plain\s+([\d.]+)\s+\S+\s*([\d.]*)', text, re.M)
+        gated = re.search(r'^wesar\s+([\d.]+)\s+([+-][\d.]+%)\s*([\d.]*)\s*([+-][\d.]+%)?', text, re.M)
+        if result == 'ok' and plain and gated:
+            note = f'plain {plain.group(1)} s, wesar {gated.group(1)} s; peak {gated.group(3)} MiB'
+            rows.append((f'step time {arch} {shape}, 8 x 2048, bf16', 'ok', f'{seconds:.0f}', gated.group(2), note))
+            rows.append((f'peak memory {arch} {shape} (both models resident)', 'ok', '', gated.group(4) or '', ''))
+        else:
+            rows.append((f'step time {arch} {shape}, 8 x 2048, bf16', result, f'{seconds:.0f}', '', last_error(log)))
+
+
+def train(name: str, out: Path, data: Path, extra: list[str], timeout: float, env: dict | None = None):
+    """One short run of the demo YAML through llm-foundry; (result, seconds, {batch: loss}, log)."""
+    log = out / f'{name}.log'
     overrides = [
-        f'variables.data_local={data / "mds"}',
-        f'variables.tokenizer_name={data / "tokenizer"}',
+        'variables.method=wesar',
+        f'variables.data_root={data}',
         f'variables.run_name={name}',
-        f'variables.save_folder={run_dir / "ckpt"}',
-        f'max_duration={steps}ba',
+        'model.init_device=meta',
+        'precision=amp_bf16',
+        'max_duration=20ba',
         'scheduler.t_warmup=5ba',
-        'global_train_batch_size=8',
-        'device_train_microbatch_size=8',
-        'eval_interval=1000ba',
-        'save_interval=1000ba',
+        'eval_interval=20ba',
+        'eval_subset_num_batches=2',
         'loggers=null',
-        'console_log_interval=1ba',
-        'log_to_console=true',
         'progress_bar=false',
-        'train_loader.num_workers=2',
-        'eval_loader.num_workers=2',
+        'log_to_console=true',
+        'console_log_interval=1ba',
+        'callbacks.update_ratio_monitor.log_interval=1',
+        'fsdp_config.sharding_strategy=FULL_SHARD',
+        'fsdp_config.mixed_precision=PURE',
         *extra,
     ]
-    cmd = [str(BIN / 'composer'), '-n', '1', '-m', 'llmfoundry.cli.cli', 'train', str(yaml_path), *overrides]
-    code, seconds = sh(cmd, run_dir / 'log.txt', env)
-    text = (run_dir / 'log.txt').read_text(errors='replace')
+    cmd = [
+        sys.executable,
+        '-m',
+        'composer.cli.launcher',
+        '-n',
+        '1',
+        '-m',
+        'llmfoundry.cli.cli',
+        'train',
+        'wesar_composer/tools/yamls/demo.yaml',
+        *overrides,
+    ]
+    result, seconds = sh(cmd, log, timeout, env)
+    text = log.read_text(errors='replace')
     losses = {
         int(b): float(v)
         for b, v in re.findall(r'\[batch=(\d+)/\d+\]:[\s\S]*?Train loss/train/total: ([\d.eE+-]+)', text)
     }
-    return code == 0, seconds, losses, text
+    return result, seconds, losses, log
 
 
-def hf_export_loads(folder: Path) -> str:
-    """Load the newest export with plain transformers; 'ok' or the error."""
-    exports = sorted(folder.glob('huggingface/ba*'), key=lambda p: int(p.name[2:]))
-    if not exports:
-        return 'no export'
-    code = (
-        'import torch, sys; from transformers import AutoModelForCausalLM; '
-        f'm = AutoModelForCausalLM.from_pretrained("{exports[-1]}", trust_remote_code=True, torch_dtype=torch.bfloat16).cuda(); '
-        'assert not any("gate" in k for k in m.state_dict()); '
-        'x = torch.randint(0, 4096, (1, 64), device="cuda"); '
-        'y = m(x).logits.float(); assert torch.isfinite(y).all(); print("ok", y.abs().max().item())'
-    )
-    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)
-    return proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1]
+def paths(out: Path, data: Path, budget: Budget, rows: list) -> None:
+    cases = [
+        ('fsdp1', 'FSDP1 FULL_SHARD PURE, meta, bf16', [], None),
+        ('fsdp2', 'FSDP2, meta, bf16', [], {'FSDP_VERSION': '2'}),
+        ('compile', 'FSDP1 + compile_config', ['compile_config={}'], None),
+    ]
+    sharded = out / 'sharded'
+    save = [
+        'fsdp_config.state_dict_type=sharded',
+        f'save_folder={sharded / "ckpt"}',
+        'save_interval=10ba',
+        f'callbacks.hf_checkpointer.save_folder={sharded / "hf"}',
+        'callbacks.hf_checkpointer.save_interval=10ba',
+        'callbacks.hf_checkpointer.precision=bfloat16',
+    ]
+    cases.append(('sharded', 'sharded checkpoint + hf export at 10', save, None))
+    resume = ['fsdp_config.state_dict_type=sharded', f'load_path={sharded / "ckpt" / "ep0-ba10"}']
+    cases.append(('resumed', 'resumed from the sharded checkpoint', resume, None))
+    losses_of = {}
+    for i, (name, label, extra, env) in enumerate(cases):
+        result, seconds, losses, log = train(name, out, data, extra, budget.left() / (len(cases) - i + 0.5), env)
+        losses_of[name] = losses
+        note = '' if result == 'ok' else last_error(log)
+        if name == 'resumed' and losses and losses_of.get('sharded'):
+            diffs = [abs(losses[b] - losses_of['sharded'][b]) for b in losses if b > 10 and b in losses_of['sharded']]
+            note = f'batches 11-20: max |loss - uninterrupted| = {max(diffs):.2e}' if diffs else 'no common batches'
+        first = f'{losses[min(losses)]:.3f}' if losses else ''
+        last = f'{losses[max(losses)]:.3f} @ {max(losses)}' if losses else ''
+        rows.append((label, result, f'{seconds:.0f}', f'{first} -> {last}', note))
+    exports = sorted((sharded / 'hf').glob('huggingface/ba*'))
+    if exports:
+        code = (
+            'import torch; from transformers import AutoModelForCausalLM; '
+            f'm = AutoModelForCausalLM.from_pretrained("{exports[-1]}", trust_remote_code=True, '
+            'torch_dtype=torch.bfloat16).cuda(); '
+            'assert not any("gate" in k for k in m.state_dict()), "gate key in the export"; '
+            'x = torch.randint(0, 4096, (1, 64), device="cuda"); '
+            'y = m(x).logits.float(); assert torch.isfinite(y).all(); print("max |logit|", y.abs().max().item())'
+        )
+        log = out / 'hf_export.log'
+        result, seconds = sh([sys.executable, '-c', code], log, min(120, max(budget.left(), 1)))
+        rows.append(('hf export, plain transformers', result, f'{seconds:.0f}', '', last_error(log)))
+    else:
+        rows.append(('hf export, plain transformers', 'no export', '', '', ''))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', type=Path, default=ROOT / 'runs' / 'gpu_check')
-    parser.add_argument('--steps', type=int, default=30)
+    parser.add_argument('--data', type=Path, default=ROOT / 'data' / 'shakespeare-v4096-s128')
+    parser.add_argument('--budget-s', type=float, default=480)
     parser.add_argument('--skip-bench', action='store_true')
+    parser.add_argument('--skip-paths', action='store_true')
     args = parser.parse_args()
+    budget = Budget(args.budget_s)
     out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    data = out / 'data'
-    code, _ = sh(
-        [str(BIN / 'wesar-data'), '--output-dir', str(data), '--seq-len', '2048', '--vocab-size', '4096'],
-        out / 'data.log',
-    )
-    if code:
-        sys.exit(f'wesar-data failed: see {out / "data.log"}')
+    logs = out / 'logs'
+    logs.mkdir(parents=True, exist_ok=True)
+    import torch
 
-    fsdp1 = ['fsdp_config.sharding_strategy=FULL_SHARD', 'fsdp_config.mixed_precision=PURE', 'precision=amp_bf16']
-    rows = []
-
-    def record(case: str, method: str, ok: bool, seconds: float, losses: dict, note: str = '') -> None:
-        last = losses.get(max(losses)) if losses else float('nan')
-        rows.append(
-            (
-                case,
-                method,
-                'ok' if ok else 'FAILED',
-                f'{seconds:.0f}',
-                f'{losses.get(1, float("nan")):.3f}',
-                f'{last:.3f}',
-                note,
-            )
-        )
-
-    for method in METHODS:
-        ok, t, losses, _ = train(f'fsdp1-{method}', method, out, data, args.steps, fsdp1)
-        record('FSDP1 FULL_SHARD PURE, meta, bf16, flash', method, ok, t, losses)
-        ok, t, losses, _ = train(f'fsdp2-{method}', method, out, data, args.steps, fsdp1, env={'FSDP_VERSION': '2'})
-        record('FSDP2, meta, bf16, flash', method, ok, t, losses)
-        ok, t, losses, _ = train(f'compile-{method}', method, out, data, args.steps, [*fsdp1, 'compile_config={}'])
-        record('FSDP1 + compile_config', method, ok, t, losses)
-
-    # Sharded checkpoint and resume (WeSaR), with the hf_checkpointer export of the first run.
-    sharded = [*fsdp1, 'fsdp_config.state_dict_type=sharded']
-    first = out / 'sharded-wesar'
-    hf = [
-        'callbacks.hf_checkpointer.save_folder=' + str(first / 'hf'),
-        'callbacks.hf_checkpointer.save_interval=20ba',
-        'callbacks.hf_checkpointer.precision=bfloat16',
-    ]
-    ok, t, whole, _ = train('sharded-wesar', 'wesar', out, data, args.steps, [*sharded, 'save_interval=20ba', *hf])
-    record('sharded checkpoint at 20 + hf export', 'wesar', ok, t, whole)
-    checkpoint = first / 'ckpt' / 'ep0-ba20'
-    ok, t, resumed, _ = train('resumed-wesar', 'wesar', out, data, args.steps, [*sharded, f'load_path={checkpoint}'])
-    note = f'batch 21 loss {resumed.get(21, float("nan")):.4f} vs {whole.get(21, float("nan")):.4f} uninterrupted'
-    record('resume from the sharded checkpoint', 'wesar', ok, t, resumed, note)
-    rows.append(('hf_checkpointer export, plain transformers', 'wesar', hf_export_loads(first / 'hf'), '', '', '', ''))
-
-    print()
-    header = ('case', 'method', 'result', 's', 'loss@1', 'loss@last', 'note')
-    print(' | '.join(header))
-    print(' | '.join('---' for _ in header))
-    for row in rows:
-        print(' | '.join(str(c) for c in row))
-
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'
+    print(f'torch {torch.__version__}, {device}', flush=True)
+    rows: list[tuple] = []
     if not args.skip_bench:
-        for shape in ('130m', '1.3b'):
-            cmd = [
-                sys.executable,
-                str(ROOT / 'benchmarks' / 'wesar_overhead.py'),
-                '--device',
-                'cuda',
-                '--shape',
-                shape,
-                '--batch-size',
-                '8',
-                '--seq-len',
-                '2048',
-                '--steps',
-                '10',
-                '--warmup',
-                '3',
-                '--variants',
-                'wesar',
-            ]
-            code, _ = sh(cmd, out / f'bench-{shape}.log')
-            print(f'\nstep time, {shape}, 8 x 2048 tokens, bf16 autocast:')
-            print((out / f'bench-{shape}.log').read_text(errors='replace')[-1200:])
-    (out / 'table.json').write_text(json.dumps(rows))
+        bench(logs, budget, rows)
+    if not args.skip_paths:
+        paths(logs, args.data.resolve(), budget, rows)
+    header = ('case', 'result', 's', 'figure', 'note')
+    table = [f'GPU check on {device}, torch {torch.__version__}', '', ' | '.join(header), ' | '.join('---' for _ in header)]
+    table += [' | '.join(str(c) for c in row) for row in rows]
+    (out / 'table.md').write_text('\n'.join(table) + '\n')
+    with tarfile.open(out / 'logs.tar.gz', 'w:gz') as tar:
+        for log in sorted(logs.glob('*.log')):
+            tar.add(log, arcname=log.name)
+    print('\n'.join(table))
 
 
 if __name__ == '__main__':
