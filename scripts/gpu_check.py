@@ -219,7 +219,12 @@ def main() -> None:
     if not args.skip_paths:
         paths(logs, args.data.resolve(), budget, rows)
     header = ('case', 'result', 's', 'figure', 'note')
-    table = [f'GPU check on {device}, torch {torch.__version__}', '', ' | '.join(header), ' | '.join('---' for _ in header)]
+    table = [
+        f'GPU check on {device}, torch {torch.__version__}',
+        '',
+        ' | '.join(header),
+        ' | '.join('---' for _ in header),
+    ]
     table += [' | '.join(str(c) for c in row) for row in rows]
     (out / 'table.md').write_text('\n'.join(table) + '\n')
     with tarfile.open(out / 'logs.tar.gz', 'w:gz') as tar:

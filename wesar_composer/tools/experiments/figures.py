@@ -124,4 +124,8 @@ def plot_figures(out_dir: Path, rows: list[dict]) -> list[str]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(str(path))
+    if any(r['group'] == 'study' for r in rows):
+        from wesar_composer.tools.experiments.study import plot_study
+
+        written += plot_study(out_dir, rows)
     return written

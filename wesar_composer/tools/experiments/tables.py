@@ -236,7 +236,7 @@ def table_d_over_u(rows: list[dict]) -> str:
 def table_wall(rows: list[dict]) -> str:
     total = sum(r['wall_s'] for r in rows)
     lines = ['| group | shape | runs | wall time per run (mean ± std) | total |', '|---|---|---|---|---|']
-    for group in ('main', 'reparam', 'lr'):
+    for group in ('main', 'reparam', 'lr', 'study'):
         for shape in sorted({r['shape'] for r in rows if r['group'] == group}):
             sel = _select(rows, group=group, shape=shape)
             lines.append(
@@ -248,17 +248,24 @@ def table_wall(rows: list[dict]) -> str:
 
 
 def render_tables(rows: list[dict]) -> dict[str, str]:
-    """The generated blocks of the page, by name."""
+    """The generated blocks of the page, by name: those of the groups ``rows`` hold (a results file
+    of the study alone leaves the other blocks of the page as they are)."""
+    from wesar_composer.tools.experiments.study import render_study_tables
+
+    groups = {r['group'] for r in rows}
     shapes = sorted({r['shape'] for r in rows if r['group'] == 'main'})
     tables = {f'main-{shape}': table_main(rows, shape) for shape in shapes}
-    tables.update(
-        {
-            'reparam': table_reparam(rows),
-            'lr': table_lr(rows),
-            'd_over_u': table_d_over_u(rows),
-            'wall': table_wall(rows),
-        }
-    )
+    if 'main' in groups:
+        tables['d_over_u'] = table_d_over_u(rows)
+    if 'reparam' in groups:
+        tables['reparam'] = table_reparam(rows)
+    if 'lr' in groups:
+        tables['lr'] = table_lr(rows)
+    if groups & {'main', 'reparam', 'lr'}:
+        tables['wall'] = table_wall([r for r in rows if r['group'] != 'study'])
+    if 'study' in groups:
+        tables.update(render_study_tables(rows))
+        tables['study-wall'] = table_wall([r for r in rows if r['group'] == 'study'])
     return tables
 
 

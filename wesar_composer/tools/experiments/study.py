@@ -1,0 +1,314 @@
+"""The study of ``wesar-experiments --groups study``: each arm at its own best learning rate.
+
+From ``results.csv`` rows of group ``study``: per shape and arm the best learning rate and its
+validation loss, the LR sensitivity of Wortsman et al. (2023), the basin width, spikes, the d/u
+gap and the largest attention logit; the differences against Small init with their standard
+errors; the decision rule of ``docs/reproduction.md`` applied to them; and the picture of loss
+against lr / sigma.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from wesar_composer.tools.experiments.grid import METHODS, SHAPES, study_sigma_squared
+
+__all__ = ['ArmSummary', 'summarize', 'render_study_tables', 'plot_study']
+
+SMALL = 'small_rapid'
+ARM_ORDER = ('small_rapid', 'small_qkln', 'small_od_lr', 'wesar_width', 'matrix_lr', 'wesar')
+DEPTHS = ('d64-L2', 'base', 'd64-L8')  # d 64, N = 2, 4, 8
+BASIN_NATS = 0.1  # a learning rate is in the basin if its mean loss is within this of the arm's best
+LITERAL_SIGMA_SQUARED = 4e-5
+OD_VERDICT = "The depth effect is the residual writers' learning rate."
+
+
+@dataclass
+class ArmSummary:
+    shape: str
+    method: str
+    lrs: list[float]
+    means: list[float]  # mean validation loss per lr (NaN if every seed diverged)
+    seeds: int
+    best_lr: float
+    best: float
+    se: float  # of the best point's mean, from the shape's pooled seed variance
+    sensitivity: float
+    basin: int  # swept half-decades within BASIN_NATS of the best
+    basin_at_edge: bool  # the basin reaches the end of the sweep: it may be wider
+    spikes: int
+    spiked_runs: int
+    runs: int
+    d_over_u: float  # last layer, first seed, at the best lr
+    max_logit_best: float
+    max_logit_top: float  # at the largest lr swept
+
+
+def _finite(values):
+    return [v for v in values if math.isfinite(v)]
+
+
+def _initial_loss(rows: list[dict]) -> float:
+    """L0 of the LR sensitivity: ln(vocabulary), the loss of a uniform prediction at initialization."""
+    n_vocab = max((int(r.get('vocab_size') or 0) for r in rows), default=0) or 1024
+    return math.log(n_vocab)
+
+
+def pooled_variance(rows: list[dict], shape: str) -> float:
+    """Mean of the per-point seed variances at ``shape``, over points with two or more finite seeds and no spike."""
+    cells: dict[tuple, list[float]] = {}
+    spiked: set[tuple] = set()
+    for r in rows:
+        if r['group'] != 'study' or r['shape'] != shape:
+            continue
+        key = (r['method'], r['lr'])
+        cells.setdefault(key, []).append(r['val_loss'])
+        if r['spikes'] or r['diverged']:
+            spiked.add(key)
+    variances = [statistics.variance(_finite(v)) for k, v in cells.items() if k not in spiked and len(_finite(v)) > 1]
+    return statistics.fmean(variances) if variances else float('nan')
+
+
+def summarize(rows: list[dict]) -> dict[tuple[str, str], ArmSummary]:
+    study = [r for r in rows if r['group'] == 'study']
+    l0 = _initial_loss(study)
+    out = {}
+    for shape in sorted({r['shape'] for r in study}):
+        pooled = pooled_variance(study, shape)
+        for method in ARM_ORDER:
+            sel = [r for r in study if r['shape'] == shape and r['method'] == method]
+            if not sel:
+                continue
+            lrs = sorted({r['lr'] for r in sel})
+            by_lr = {lr: [r for r in sel if r['lr'] == lr] for lr in lrs}
+            means = []
+            for lr in lrs:
+                vals = [r['val_loss'] if not r['diverged'] else float('nan') for r in by_lr[lr]]
+                means.append(statistics.fmean(_finite(vals)) if _finite(vals) else float('nan'))
+            finite = [(m, lr) for m, lr in zip(means, lrs) if math.isfinite(m)]
+            best, best_lr = min(finite) if finite else (float('nan'), float('nan'))
+            seeds = len(by_lr[best_lr]) if finite else 0
+            capped = [min(m, l0) if math.isfinite(m) else l0 for m in means]
+            in_basin = [math.isfinite(m) and m <= best + BASIN_NATS for m in means]
+            first_seed = min(r['seed'] for r in sel)
+            at_best = by_lr.get(best_lr, [])
+            d_u = [r['d_over_u_last'] for r in at_best if r['seed'] == first_seed]
+            out[(shape, method)] = ArmSummary(
+                shape=shape,
+                method=method,
+                lrs=lrs,
+                means=means,
+                seeds=seeds,
+                best_lr=best_lr,
+                best=best,
+                se=math.sqrt(pooled / seeds) if seeds else float('nan'),
+                sensitivity=statistics.fmean(c - best for c in capped) if finite else float('nan'),
+                basin=sum(in_basin),
+                basin_at_edge=in_basin[0] or in_basin[-1],
+                spikes=sum(int(r['spikes']) for r in sel),
+                spiked_runs=sum(1 for r in sel if r['spikes']),
+                runs=len(sel),
+                d_over_u=d_u[0] if d_u else float('nan'),
+                max_logit_best=_mean([r.get('max_attn_logit', float('nan')) for r in at_best]),
+                max_logit_top=_mean([r.get('max_attn_logit', float('nan')) for r in by_lr[lrs[-1]]]),
+            )
+    return out
+
+
+def _mean(values) -> float:
+    vals = _finite([float(v) for v in values if v is not None])
+    return statistics.fmean(vals) if vals else float('nan')
+
+
+def _shape_label(shape: str) -> str:
+    dims = SHAPES[shape]
+    return f'd {dims["d_model"]}, N {dims["n_layers"]}'
+
+
+def _sigma(method: str, d_model: int) -> float:
+    """The std of the arm's actual weights that its relative step lr / sigma is measured against."""
+    if method in ('wesar_width', 'matrix_lr'):
+        return math.sqrt(study_sigma_squared(method, d_model))
+    if method == 'wesar':
+        return math.sqrt(LITERAL_SIGMA_SQUARED)
+    return math.sqrt(2.0 / (5.0 * d_model))  # Small init's std, for the Small-init arms
+
+
+def table_arms(summary: dict[tuple[str, str], ArmSummary]) -> str:
+    lines = [
+        '| shape | arm | best lr | val loss at best lr (± SE) | LR sensitivity | basin (half-decades) '
+        '| runs with a spike | d/u gap | max attention logit (best lr / top lr) |',
+        '|---|---|---|---|---|---|---|---|---|',
+    ]
+    for (shape, method), s in summary.items():
+        basin = f'{"≥" if s.basin_at_edge else ""}{s.basin}'
+        lines.append(
+            f'| {_shape_label(shape)} | {METHODS[method][0]} | {s.best_lr:g} | {s.best:.3f} ± {s.se:.3f} '
+            f'| {s.sensitivity:.3f} | {basin} | {s.spiked_runs} / {s.runs} | {s.d_over_u:.2f} '
+            f'| {s.max_logit_best:.1f} / {s.max_logit_top:.1f} |'
+        )
+    return '\n'.join(lines)
+
+
+def table_sweep(summary: dict[tuple[str, str], ArmSummary]) -> str:
+    """Mean validation loss at every lr, one row per shape and arm."""
+    all_lrs = sorted({lr for s in summary.values() for lr in s.lrs})
+    lines = [
+        '| shape | arm | ' + ' | '.join(f'{lr:g}' for lr in all_lrs) + ' |',
+        '|---|---|' + '---|' * len(all_lrs),
+    ]
+    for (shape, method), s in summary.items():
+        cells = []
+        for lr in all_lrs:
+            if lr not in s.lrs:
+                cells.append('')
+                continue
+            m = s.means[s.lrs.index(lr)]
+            text = f'{m:.3f}' if math.isfinite(m) else 'diverged'
+            cells.append(f'**{text}**' if lr == s.best_lr else text)
+        lines.append(f'| {_shape_label(shape)} | {METHODS[method][0]} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+@dataclass
+class Difference:
+    delta: float  # arm - reference, best-lr loss
+    se: float
+
+    @property
+    def z(self) -> float:
+        return self.delta / self.se if self.se > 0 else float('nan')
+
+    def __str__(self) -> str:
+        return f'{self.delta:+.3f} ± {self.se:.3f} ({self.z:+.1f} SE)'
+
+
+def difference(summary, shape: str, method: str, reference: str) -> Optional[Difference]:
+    a, b = summary.get((shape, method)), summary.get((shape, reference))
+    if a is None or b is None:
+        return None
+    return Difference(a.best - b.best, math.sqrt(a.se**2 + b.se**2))
+
+
+def table_vs_small(summary) -> str:
+    lines = [
+        '| shape | arm | Δ best-lr loss vs Small init | Δ basin | Δ LR sensitivity |',
+        '|---|---|---|---|---|',
+    ]
+    for (shape, method), s in summary.items():
+        if method == SMALL or (shape, SMALL) not in summary:
+            continue
+        small = summary[(shape, SMALL)]
+        lines.append(
+            f'| {_shape_label(shape)} | {METHODS[method][0]} | {difference(summary, shape, method, SMALL)} '
+            f'| {s.basin - small.basin:+d} | {s.sensitivity - small.sensitivity:+.3f} |'
+        )
+    return '\n'.join(lines)
+
+
+def decisions(summary) -> list[str]:
+    """The decision rule of docs/reproduction.md, applied; one line per rule."""
+    depths = [d for d in DEPTHS if (d, SMALL) in summary and (d, 'wesar_width') in summary]
+    lines = []
+    if len(depths) < 3:
+        lines.append(f'Only {len(depths)} of the 3 depths have both Small init and WeSaR: the rule cannot be applied.')
+        return lines
+    wins = [d for d in depths if (x := difference(summary, d, 'wesar_width', SMALL)) and x.z < -2]
+    gap = {d: -difference(summary, d, 'wesar_width', SMALL).delta for d in depths}  # type: ignore[union-attr]
+    growing = gap['d64-L8'] > gap['d64-L2']
+    wider = [d for d in depths if summary[(d, 'wesar_width')].basin >= summary[(d, SMALL)].basin + 1]
+    helps = (len(wins) >= 2 and growing) or len(wider) >= 2
+    lines.append(
+        f'1. WeSaR beats Small init by more than 2 SE at {len(wins)} of 3 depths ({", ".join(wins) or "none"}); '
+        f'gap Small - WeSaR {gap["d64-L2"]:+.3f} (N 2), {gap["base"]:+.3f} (N 4), {gap["d64-L8"]:+.3f} (N 8), '
+        f'{"growing" if growing else "not growing"} with N; basin wider by a half-decade or more at {len(wider)} of 3. '
+        f'**{"WeSaR helps." if helps else "No evidence that WeSaR helps at this scale."}**'
+    )
+    shapes = sorted({s for s, m in summary if m == 'wesar_width' and (s, 'matrix_lr') in summary})
+    diffs = {s: difference(summary, s, 'wesar_width', 'matrix_lr') for s in shapes}
+    same = all(d is not None and abs(d.z) <= 2 for d in diffs.values())
+    lines.append(
+        '2. WeSaR - per-matrix lr at each shape: '
+        + ', '.join(f'{_shape_label(s)} {d}' for s, d in diffs.items())
+        + f'. **{"The gates add nothing beyond the learning rates." if same and shapes else "The gates differ from the learning rates."}**'
+    )
+    od = [d for d in depths if (x := difference(summary, d, 'small_od_lr', SMALL)) and x.z < -2]
+    lines.append(
+        f'3. Small init with W_o / W_d at lr / sqrt(2N) beats Small init by more than 2 SE at {len(od)} of 3 depths '
+        f'({", ".join(od) or "none"}). '
+        f'**{OD_VERDICT if len(od) >= 2 else "Not shown."}**'
+    )
+    control_shapes = sorted({s for s, m in summary if m == 'small_qkln' and (s, SMALL) in summary})
+    lower = [s for s in control_shapes if summary[(s, 'small_qkln')].sensitivity < summary[(s, SMALL)].sensitivity]
+    wider_c = [s for s in control_shapes if summary[(s, 'small_qkln')].basin >= summary[(s, SMALL)].basin + 1]
+    ok = len(lower) >= 2 or len(wider_c) >= 2
+    lines.append(
+        f'4. qk-LayerNorm against Small init: lower LR sensitivity at {len(lower)} of {len(control_shapes)} shapes, '
+        f'basin wider by a half-decade or more at {len(wider_c)}. '
+        f'**{"The control passes: the proxy sees a known stability benefit." if ok else "The control fails: this proxy cannot judge stability claims."}**'
+    )
+    literal = summary.get(('base', 'wesar'))
+    width = summary.get(('base', 'wesar_width'))
+    if literal and width:
+        lines.append(
+            f'5. Base shape: literal sigma^2 = 4e-5 best {literal.best:.3f} ± {literal.se:.3f} at lr {literal.best_lr:g}, '
+            f'basin {literal.basin}; width-scaled best {width.best:.3f} ± {width.se:.3f} at lr {width.best_lr:g}, '
+            f'basin {width.basin}.'
+        )
+    return lines
+
+
+def render_study_tables(rows: list[dict]) -> dict[str, str]:
+    summary = summarize(rows)
+    if not summary:
+        return {}
+    return {
+        'study-arms': table_arms(summary),
+        'study-sweep': table_sweep(summary),
+        'study-vs-small': table_vs_small(summary),
+        'study-decision': '\n'.join(decisions(summary)),
+    }
+
+
+def plot_study(out_dir: Path, rows: list[dict]) -> list[str]:
+    """Validation loss against lr and against lr / sigma, one column per shape."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    summary = summarize(rows)
+    shapes = [s for s in ('d64-L2', 'base', 'd64-L8', 'd128-L4') if any(k[0] == s for k in summary)]
+    if not shapes:
+        return []
+    fig, axes = plt.subplots(2, len(shapes), figsize=(4 * len(shapes), 7), squeeze=False, sharey=True)
+    for col, shape in enumerate(shapes):
+        d = SHAPES[shape]['d_model']
+        for method in ARM_ORDER:
+            s = summary.get((shape, method))
+            if s is None:
+                continue
+            style = '--' if method in ('matrix_lr', 'small_od_lr') else '-'
+            for row, x in enumerate((s.lrs, [lr / _sigma(method, d) for lr in s.lrs])):
+                axes[row][col].plot(x, s.means, style, marker='o', label=METHODS[method][0])
+        axes[0][col].set_title(_shape_label(shape))
+        axes[0][col].set_xlabel('peak learning rate')
+        axes[1][col].set_xlabel('lr / sigma (sigma: std of the actual weights)')
+        for row in (0, 1):
+            axes[row][col].set_xscale('log')
+            axes[row][col].grid(alpha=0.3)
+    for row in (0, 1):
+        axes[row][0].set_ylabel('validation loss')
+    axes[0][0].set_ylim(top=_initial_loss(rows))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='lower center', ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    path = out_dir / 'figures' / 'study_lr.png'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [str(path)]
