@@ -77,7 +77,7 @@ def _llama(shape: str, seq_len: int):
     import tempfile
 
     from llmfoundry.models.hf import ComposerHFCausalLM
-    from transformers import LlamaConfig
+    from transformers.models.llama import LlamaConfig
 
     dims = SHAPES[shape]
     d = dims['d_model']
