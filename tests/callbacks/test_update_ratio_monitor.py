@@ -95,7 +95,10 @@ def test_costs_nothing_off_interval_and_copies_the_weights_once(monkeypatch):
     weights = {id(s.module.weight): s.module.weight.numel() for s in find_matrices(model)}
     assert spy.copied == [(3, sum(weights.values())), (6, sum(weights.values()))]  # tied W_e copied once
     assert spy.idle_checks == 7 and monitor._snapshot is None
-    assert len(calls) == 2 * 3  # weights, gradients, differences on each of the two logging batches
+    assert len(calls) == 2 * 2  # weights and differences on each of the two logging batches: no grad_norm keys
+    calls.clear()
+    fit(mpt(d_model=64, n_layers=N_LAYERS), [UpdateRatioMonitor(log_interval=3, families='all')], batches=3)
+    assert len(calls) == 3  # with grad_norm keys the gradients are read too
 
 
 def test_sgd_update_ratio_is_lr_times_clipped_grad_norm_over_param_norm():

@@ -308,14 +308,17 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
         if self._model is None:
             raise RuntimeError('UpdateRatioMonitor.begin_step called before attach(model).')
         weights = self._local_weights()
-        grads = []
-        for matrix, (flat, start) in zip(self._matrices, weights):
-            grad = matrix.module.weight.grad
-            grads.append(
-                (flat.new_zeros(0), 0) if grad is None else (_local_tensor(grad).reshape(-1), start)
-            )  # no grad: 0
         weight_sq = _slice_sq_norms(weights, self._matrices)
-        grad_sq = _slice_sq_norms(grads, self._matrices)
+        if 'grad_norm' in self.families:  # else the gradients are not read at all
+            grads = []
+            for matrix, (flat, start) in zip(self._matrices, weights):
+                grad = matrix.module.weight.grad
+                grads.append(
+                    (flat.new_zeros(0), 0) if grad is None else (_local_tensor(grad).reshape(-1), start)
+                )  # no grad: 0
+            grad_sq = _slice_sq_norms(grads, self._matrices)
+        else:
+            grad_sq = torch.zeros_like(weight_sq)
         self._pre_step = torch.cat([weight_sq, grad_sq, self._gate_values(weight_sq.device)])
         copies: dict[int, torch.Tensor] = {}  # one copy per parameter: a tied head shares W_e's
         self._snapshot = [
