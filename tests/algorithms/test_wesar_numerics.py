@@ -157,3 +157,20 @@ def test_gated_linear_backward_matches_autograd(tokens, d_in, d_out, split, bias
 
     inputs = (make(*tokens, d_in), make(d_out, d_in), make(len(slices)), make(d_out) if bias else None, slices)
     assert torch.autograd.gradcheck(ScaledLinearFunction.apply, inputs)
+
+
+def test_tied_head_gradients_match_plain_autograd():
+    """The tied head (a_p * W_e) runs through the scaled product: same logits and gradients as forming a_p * W_e."""
+    torch.manual_seed(0)
+    emb = GatedEmbedding(50, 16, unembed_gate_init=3.0, weight_std=0.02)
+    with torch.no_grad():
+        emb.weight.normal_(0, 0.02)
+    h = torch.randn(2, 7, 16, dtype=torch.float32)
+    upstream = torch.randn(2, 7, 50)
+    (emb(h, unembed=True) * upstream).sum().backward()
+    got = (emb.weight.grad.clone(), emb.unembed_gate.grad.clone())
+    weight = emb.weight.detach().clone().requires_grad_()
+    gate = emb.unembed_gate.detach().clone().requires_grad_()
+    (torch.nn.functional.linear(h, weight * gate) * upstream).sum().backward()
+    torch.testing.assert_close(got[0], weight.grad)
+    torch.testing.assert_close(got[1], gate.grad)

@@ -150,7 +150,10 @@ class GatedEmbedding(Reparameterized, SharedEmbedding):
         if unembed:
             if self.unembed_gate is None:
                 raise RuntimeError('This embedding is not tied to a prediction head (no unembed gate).')
-            return F.linear(input, self.weight * self.unembed_gate)
+            return cast(
+                torch.Tensor,
+                ScaledLinearFunction.apply(input, self.weight, self.unembed_gate, None, (self.num_embeddings,)),
+            )
         out = F.embedding(
             input, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
         )
