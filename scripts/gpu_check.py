@@ -37,7 +37,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = [('llama', '130m', 90), ('llama', '1.3b', 170), ('mpt', '130m', 90)]  # (arch, shape, seconds at most)
+# (arch, shape, sequences of 2048 tokens per step, seconds at most). At 1.3B two models with AdamW
+# state and the activations of 8 x 2048 tokens do not fit in one H200 (139 GiB) together: 4 x 2048.
+BENCH = [('llama', '130m', 8, 90), ('llama', '1.3b', 4, 170), ('mpt', '130m', 8, 90)]
+PATH_CASES = ('fsdp1', 'fsdp2', 'compile', 'compile-small', 'sharded', 'resumed', 'export')
 
 
 class Budget:
@@ -73,8 +76,10 @@ def last_error(log: Path) -> str:
     return (errors or lines or [''])[-1].strip()[:200]
 
 
-def bench(out: Path, budget: Budget, rows: list) -> None:
-    for arch, shape, cap in BENCH:
+def bench(out: Path, budget: Budget, rows: list, cases) -> None:
+    for arch, shape, batch, cap in BENCH:
+        if f'bench-{arch}-{shape}' not in cases:
+            continue
         log = out / f'bench-{arch}-{shape}.log'
         cmd = [
             sys.executable,
@@ -86,7 +91,7 @@ def bench(out: Path, budget: Budget, rows: list) -> None:
             '--shape',
             shape,
             '--batch-size',
-            '8',
+            str(batch),
             '--seq-len',
             '2048',
             '--steps',
@@ -102,17 +107,23 @@ def bench(out: Path, budget: Budget, rows: list) -> None:
         gated = re.search(r'^wesar\s+([\d.]+)\s+([+-][\d.]+%)\s*([\d.]*)\s*([+-][\d.]+%)?', text, re.M)
         if result == 'ok' and plain and gated:
             note = f'plain {plain.group(1)} s, wesar {gated.group(1)} s; peak {gated.group(3)} MiB'
-            rows.append((f'step time {arch} {shape}, 8 x 2048, bf16', 'ok', f'{seconds:.0f}', gated.group(2), note))
+            rows.append(
+                (f'step time {arch} {shape}, {batch} x 2048, bf16', 'ok', f'{seconds:.0f}', gated.group(2), note)
+            )
             rows.append((f'peak memory {arch} {shape} (both models resident)', 'ok', '', gated.group(4) or '', ''))
         else:
-            rows.append((f'step time {arch} {shape}, 8 x 2048, bf16', result, f'{seconds:.0f}', '', last_error(log)))
+            rows.append(
+                (f'step time {arch} {shape}, {batch} x 2048, bf16', result, f'{seconds:.0f}', '', last_error(log))
+            )
 
 
-def train(name: str, out: Path, data: Path, extra: list[str], timeout: float, env: dict | None = None):
+def train(
+    name: str, out: Path, data: Path, extra: list[str], timeout: float, env: dict | None = None, method: str = 'wesar'
+):
     """One short run of the demo YAML through llm-foundry; (result, seconds, {batch: loss}, log)."""
     log = out / f'{name}.log'
     overrides = [
-        'variables.method=wesar',
+        f'variables.method={method}',
         f'variables.data_root={data}',
         f'variables.run_name={name}',
         'model.init_device=meta',
@@ -151,11 +162,18 @@ def train(name: str, out: Path, data: Path, extra: list[str], timeout: float, en
     return result, seconds, losses, log
 
 
-def paths(out: Path, data: Path, budget: Budget, rows: list) -> None:
+def _checkpoint(folder: Path) -> Path:
+    """The batch-10 checkpoint Composer wrote in ``folder`` (a sharded one is a folder)."""
+    found = sorted(folder.glob('ep0-ba10*')) if folder.is_dir() else []
+    return found[0] if found else folder / 'ep0-ba10'
+
+
+def paths(out: Path, data: Path, budget: Budget, rows: list, selected) -> None:
     cases = [
-        ('fsdp1', 'FSDP1 FULL_SHARD PURE, meta, bf16', [], None),
-        ('fsdp2', 'FSDP2, meta, bf16', [], {'FSDP_VERSION': '2'}),
-        ('compile', 'FSDP1 + compile_config', ['compile_config={}'], None),
+        ('fsdp1', 'FSDP1 FULL_SHARD PURE, meta, bf16', [], None, 'wesar'),
+        ('fsdp2', 'FSDP2, meta, bf16', [], {'FSDP_VERSION': '2'}, 'wesar'),
+        ('compile', 'FSDP1 + compile_config', ['compile_config={}'], None, 'wesar'),
+        ('compile-small', 'FSDP1 + compile_config, Small init (no gates)', ['compile_config={}'], None, 'small_init'),
     ]
     sharded = out / 'sharded'
     save = [
@@ -166,12 +184,19 @@ def paths(out: Path, data: Path, budget: Budget, rows: list) -> None:
         'callbacks.hf_checkpointer.save_interval=10ba',
         'callbacks.hf_checkpointer.precision=bfloat16',
     ]
-    cases.append(('sharded', 'sharded checkpoint + hf export at 10', save, None))
-    resume = ['fsdp_config.state_dict_type=sharded', f'load_path={sharded / "ckpt" / "ep0-ba10"}']
-    cases.append(('resumed', 'resumed from the sharded checkpoint', resume, None))
+    cases.append(('sharded', 'sharded checkpoint + hf export at 10', save, None, 'wesar'))
+    cases.append(
+        ('resumed', 'resumed from the sharded checkpoint', ['fsdp_config.state_dict_type=sharded'], None, 'wesar')
+    )
+    cases = [c for c in cases if c[0] in selected]
     losses_of = {}
-    for i, (name, label, extra, env) in enumerate(cases):
-        result, seconds, losses, log = train(name, out, data, extra, budget.left() / (len(cases) - i + 0.5), env)
+    for i, (name, label, extra, env, method) in enumerate(cases):
+        if name == 'resumed':
+            found = sorted(p.name for p in (sharded / 'ckpt').glob('*')) if (sharded / 'ckpt').is_dir() else []
+            print(f'checkpoints written: {found}', flush=True)
+            extra = [*extra, f'load_path={_checkpoint(sharded / "ckpt")}']
+        timeout = budget.left() / (len(cases) - i + 0.5)
+        result, seconds, losses, log = train(name, out, data, extra, timeout, env, method)
         losses_of[name] = losses
         note = '' if result == 'ok' else last_error(log)
         if name == 'resumed' and losses and losses_of.get('sharded'):
@@ -181,6 +206,8 @@ def paths(out: Path, data: Path, budget: Budget, rows: list) -> None:
         last = f'{losses[max(losses)]:.3f} @ {max(losses)}' if losses else ''
         rows.append((label, result, f'{seconds:.0f}', f'{first} -> {last}', note))
     exports = sorted((sharded / 'hf').glob('huggingface/ba*'))
+    if 'export' not in selected:
+        return
     if exports:
         code = (
             'import torch; from transformers import AutoModelForCausalLM; '
@@ -202,8 +229,8 @@ def main() -> None:
     parser.add_argument('--out', type=Path, default=ROOT / 'runs' / 'gpu_check')
     parser.add_argument('--data', type=Path, default=ROOT / 'data' / 'shakespeare-v4096-s128')
     parser.add_argument('--budget-s', type=float, default=480)
-    parser.add_argument('--skip-bench', action='store_true')
-    parser.add_argument('--skip-paths', action='store_true')
+    every = [f'bench-{arch}-{shape}' for arch, shape, _, _ in BENCH] + list(PATH_CASES)
+    parser.add_argument('--cases', nargs='+', choices=every, default=every, help='default: all')
     args = parser.parse_args()
     budget = Budget(args.budget_s)
     out = args.out.resolve()
@@ -214,10 +241,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'
     print(f'torch {torch.__version__}, {device}', flush=True)
     rows: list[tuple] = []
-    if not args.skip_bench:
-        bench(logs, budget, rows)
-    if not args.skip_paths:
-        paths(logs, args.data.resolve(), budget, rows)
+    bench(logs, budget, rows, args.cases)
+    paths(logs, args.data.resolve(), budget, rows, args.cases)
     header = ('case', 'result', 's', 'figure', 'note')
     table = [
         f'GPU check on {device}, torch {torch.__version__}',

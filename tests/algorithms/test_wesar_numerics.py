@@ -159,6 +159,36 @@ def test_gated_linear_backward_matches_autograd(tokens, d_in, d_out, split, bias
     assert torch.autograd.gradcheck(ScaledLinearFunction.apply, inputs)
 
 
+@pytest.mark.parametrize('tokens, d_in, d_out', [((2, 3), 8, 6), ((2, 3), 4, 8), ((4, 16), 8, 6)])
+@pytest.mark.parametrize('slices', [(6,), (2, 4)])
+def test_gated_linear_under_autocast_matches_autograd(tokens, d_in, d_out, slices):
+    """Under bf16 autocast (the scaled bf16 copy of W kept for backward when W is smallest): the output and every
+    gradient as plain autograd on the same bf16 operands gives them."""
+    from wesar_composer.reparam.modules import ScaledLinearFunction, expand_rows
+
+    if sum(slices) != d_out:
+        pytest.skip('slices do not fit d_out')
+    generator = torch.Generator().manual_seed(d_in * d_out)
+    x = torch.randn(*tokens, d_in, generator=generator)
+    weight = torch.randn(d_out, d_in, generator=generator)
+    scales = torch.rand(len(slices), generator=generator) + 0.5
+    upstream = torch.randn(*tokens, d_out, generator=generator).bfloat16()
+    grads = []
+    for reference in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, scales)]
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            if reference:
+                scaled = leaves[1].bfloat16() * expand_rows(leaves[2], slices).bfloat16()
+                y = torch.nn.functional.linear(leaves[0], scaled)
+            else:
+                y = ScaledLinearFunction.apply(leaves[0], leaves[1], leaves[2], None, slices)
+        assert y.dtype == torch.bfloat16
+        (y.float() * upstream.float()).sum().backward()
+        grads.append([y.float(), *(t.grad.float() for t in leaves)])
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
 def test_tied_head_gradients_match_plain_autograd():
     """The tied head (a_p * W_e) runs through the scaled product: same logits and gradients as forming a_p * W_e."""
     torch.manual_seed(0)

@@ -71,6 +71,14 @@ def expand_rows(scales: torch.Tensor, slice_sizes: Sequence[int]) -> torch.Tenso
     return torch.cat([s.expand(n) for s, n in zip(scales.unbind(), slice_sizes)]).unsqueeze(1)
 
 
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast casts a linear layer's operands to on x's device, or None outside autocast."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
 def _columns(scales: torch.Tensor, slice_sizes: Sequence[int]) -> torch.Tensor:
     """One scale per output feature, shape (d_out,) (or (1,) for one slice): broadcasts over the last dim of y."""
     return scales.reshape(1) if len(slice_sizes) == 1 else expand_rows(scales, slice_sizes).reshape(-1)
@@ -87,19 +95,30 @@ class ScaledLinearFunction(torch.autograd.Function):
     - dL/dW = s * G in place on G = dy^T x (the virtual weight's gradient, needed in any case);
     - dL/ds = <G_slice, W_slice> per slice (a dot product, no temporary).
 
-    Only x, W and s are saved. Matmuls run in the dtype of dy (the autocast dtype when the
-    forward ran under autocast). WeSaR's gates and sigma-Reparam's a / sigma are such a scale.
+    Without autocast only x, W and s are saved. Under autocast, when W is the smallest operand,
+    the scale goes onto the low-precision copy of W that autocast makes in any case (in place),
+    and that copy is kept for dL/dx, as autocast's own linear keeps its cast of W: no
+    full-precision s * W, no second product in backward, the same saved memory as a plain
+    layer. Matmuls run in the dtype of dy (the autocast dtype when the forward ran under
+    autocast). WeSaR's gates and sigma-Reparam's a / sigma are such a scale.
     """
 
     @staticmethod
     def forward(ctx, x, weight, scales, bias, slice_sizes):
-        ctx.save_for_backward(x, weight, scales)
         ctx.slice_sizes = tuple(slice_sizes)
         ctx.has_bias = bias is not None
+        ctx.scaled_weight = False
         tokens, (d_out, d_in) = x.numel() // x.shape[-1], weight.shape
         one = len(ctx.slice_sizes) == 1
         sizes = {'y': tokens * d_out, 'w': d_out * d_in, 'x': tokens * d_in if one else float('inf')}
         smallest = min(sizes, key=sizes.__getitem__)
+        cast = _autocast_dtype(x)
+        if smallest == 'w' and cast is not None and cast != weight.dtype:
+            scaled = weight.to(cast).mul_(expand_rows(scales, ctx.slice_sizes).to(cast))  # autocast's cast, scaled
+            ctx.save_for_backward(x, weight, scales, scaled)
+            ctx.scaled_weight = True
+            return F.linear(x, scaled, bias)
+        ctx.save_for_backward(x, weight, scales)
         if smallest == 'y':
             y = F.linear(x, weight)
             y.mul_(_columns(scales, ctx.slice_sizes).to(y.dtype))
@@ -110,13 +129,15 @@ class ScaledLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, scales = ctx.saved_tensors
+        x, weight, scales = ctx.saved_tensors[:3]
         sizes = ctx.slice_sizes
         need_x, need_w, need_s, need_b = ctx.needs_input_grad[:4]
         compute_dtype = grad_out.dtype
         flat_out = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_w = grad_s = grad_b = None
-        if need_x:
+        if need_x and ctx.scaled_weight:
+            grad_x = grad_out @ ctx.saved_tensors[3].to(compute_dtype)
+        elif need_x:
             tokens, (d_out, d_in) = flat_out.shape[0], weight.shape
             one = len(sizes) == 1
             options = {'dx': tokens * d_in if one else float('inf'), 'dy': tokens * d_out, 'w': d_out * d_in}
