@@ -4,9 +4,9 @@ Stages, in this order, each in its own process with a share of ``--budget-s`` (a
 runs out of time is reported as such and the next one starts):
 
 1. ``benchmarks/wesar_overhead.py --device cuda``: gated / plain step time and peak memory,
-   8 x 2048-token batches, bf16 autocast, AdamW: Llama (PyTorch SDPA attention) at 130M and
-   1.3B, and llm-foundry's MPT at 130M (``attn_impl: flash`` where flash-attn is installed,
-   else ``torch``).
+   bf16 autocast, AdamW: Llama (PyTorch SDPA attention) at 130M (8 x 2048 tokens) and 1.3B
+   (4 x 2048: two 1.3B models with 8 x 2048 do not fit one H200 together), and llm-foundry's
+   MPT at 130M (``attn_impl: flash`` where flash-attn is installed, else ``torch``).
 2. llm-foundry's train path under ``composer -n 1`` on the demo YAML's model (d 128, 4 layers),
    WeSaR with the update-ratio monitor and the spike counter, ``init_device: meta``,
    ``precision: amp_bf16``, 20 batches:
