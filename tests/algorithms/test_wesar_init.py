@@ -96,3 +96,31 @@ def test_virtual_weights_match_backbone_stds_at_init_under_seed():
     b = apply_wesar(mpt(seed=3))
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), name
+
+
+def test_sigma_reference_width_scales_sigma_with_the_width():
+    """sigma^2 = sigma_squared * reference / d: at d 64 with 4e-5 at 2048, sigma^2 = 1.28e-3; a * W keeps Table 1."""
+    d, n = 64, 2
+    model = apply_wesar(mpt(d_model=d, n_layers=n, seed=1), sigma_reference_width=2048, seed=0)
+    sigma = math.sqrt(4e-5 * 2048 / d)
+    rows = gate_table(model)
+    for row in rows:
+        assert row['weight_std'] == pytest.approx(sigma, rel=0.05), row
+        if row['role'] != 'e':
+            expected = paper_table1_std(row['role'], d, n, 'he')
+            assert row['gate'] == pytest.approx(expected / sigma, rel=1e-6), row
+    same = apply_wesar(mpt(d_model=2048 // 16, n_heads=4, n_layers=n, seed=1), sigma_reference_width=128, seed=0)
+    assert all(r['weight_std'] == pytest.approx(SIGMA, rel=0.05) for r in gate_table(same))  # at the reference: 4e-5
+
+
+@pytest.mark.parametrize('bad', [0, -5, 2.5, True, '2048'])
+def test_sigma_reference_width_refuses_bad_values(bad):
+    from wesar_composer import WeSaR
+
+    model = mpt(n_layers=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f'sigma_reference_width must be a positive integer.*got {bad!r}'):
+        apply_wesar(model, sigma_reference_width=bad)
+    with pytest.raises(ValueError, match='sigma_reference_width'):
+        WeSaR(sigma_reference_width=bad)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

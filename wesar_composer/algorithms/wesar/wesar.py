@@ -43,9 +43,18 @@ def check_hparams(
     embedding_scaling: bool = True,
     role_map: Optional[Mapping[str, str]] = None,
     init_mode: str = 'auto',
+    sigma_reference_width: Optional[int] = None,
 ) -> float:
-    """Validate the hyperparameters and return sigma."""
+    """Validate the hyperparameters and return sigma (at the reference width, if one is given)."""
     check_positive('sigma_squared', sigma_squared)
+    if sigma_reference_width is not None and (
+        isinstance(sigma_reference_width, bool)
+        or not isinstance(sigma_reference_width, int)
+        or sigma_reference_width < 1
+    ):
+        raise ValueError(
+            f'sigma_reference_width must be a positive integer (a d_model) or None, got {sigma_reference_width!r}.'
+        )
     check_choice('backbone', backbone, BACKBONES)
     check_bool('trainable_gates', trainable_gates)
     check_non_negative('gate_weight_decay', gate_weight_decay)
@@ -67,6 +76,7 @@ def apply_wesar(
     role_map: Optional[Mapping[str, str]] = None,
     init_mode: str = 'auto',
     seed: Optional[int] = None,
+    sigma_reference_width: Optional[int] = None,
 ) -> nn.Module:
     """Reparameterize every weight matrix W of ``model`` as a_r * W (Section 4.1).
 
@@ -83,6 +93,12 @@ def apply_wesar(
     Each matrix is drawn from its own seed (``seed`` and its name; ``seed=None`` takes one
     from the global RNG), so every rank and every materialization order draws the same W.
 
+    ``sigma_reference_width``: if set, ``sigma_squared`` is the value at that d_model and the
+    model gets sigma^2 = sigma_squared * sigma_reference_width / d_model, so that sigma keeps
+    its ratio to the Small-init std sqrt(2 / (5d)) at every width (2048 with the default 4e-5:
+    the paper's 1.3B ratio, 0.45). With Adam the relative step of every matrix is about
+    lr / sigma, so a fixed sigma on a narrow model is a much larger step than the paper's.
+
     Everything is validated before the model changes: a bad value raises ``ValueError`` and
     leaves the model as it was.
     """
@@ -94,9 +110,13 @@ def apply_wesar(
         embedding_scaling,
         role_map,
         init_mode,
+        sigma_reference_width,
     )
     optimizers = check_optimizers(METHOD, optimizers)
     shape, specs, mode = discover(model, METHOD, role_map, init_mode, INIT_MODES)
+    if sigma_reference_width is not None:
+        sigma_squared = sigma_squared * sigma_reference_width / shape.d_model
+        sigma = math.sqrt(sigma_squared)
     preserved = _preserved_stds(specs) if mode == 'preserve' else None
     replacements = {
         spec: _gated_module(spec, shape, sigma, backbone, trainable_gates, embedding_scaling, specs, preserved)
@@ -230,6 +250,9 @@ class WeSaR(ReparamAlgorithm):
         role_map: extra ``{regex: role}`` entries for architectures the default map misses.
         init_mode: ``'auto'`` (default: new init; refuse pretrained weights), ``'reinit'`` or
             ``'preserve'`` (keep a pretrained model's function; see :func:`apply_wesar`).
+        sigma_reference_width: ``None`` (default: sigma^2 = ``sigma_squared`` at any width, as in
+            the paper) or a d_model at which ``sigma_squared`` holds; other widths get
+            sigma^2 = sigma_squared * sigma_reference_width / d_model (see :func:`apply_wesar`).
     """
 
     method = METHOD
@@ -244,6 +267,7 @@ class WeSaR(ReparamAlgorithm):
         embedding_scaling: bool = True,
         role_map: Optional[Mapping[str, str]] = None,
         init_mode: str = 'auto',
+        sigma_reference_width: Optional[int] = None,
     ):
         check_hparams(
             sigma_squared,
@@ -253,7 +277,9 @@ class WeSaR(ReparamAlgorithm):
             embedding_scaling,
             role_map,
             init_mode,
+            sigma_reference_width,
         )
+        self.sigma_reference_width = sigma_reference_width
         self.sigma_squared = sigma_squared
         self.backbone = backbone
         self.trainable_gates = trainable_gates
@@ -266,7 +292,8 @@ class WeSaR(ReparamAlgorithm):
         return (
             f'{self.__class__.__name__}(sigma_squared={self.sigma_squared}, backbone={self.backbone!r}, '
             f'trainable_gates={self.trainable_gates}, gate_weight_decay={self.gate_weight_decay}, '
-            f'embedding_scaling={self.embedding_scaling}, role_map={self.role_map}, init_mode={self.init_mode!r})'
+            f'embedding_scaling={self.embedding_scaling}, role_map={self.role_map}, init_mode={self.init_mode!r}, '
+            f'sigma_reference_width={self.sigma_reference_width})'
         )
 
     def apply_to(self, model, optimizers, *, init_mode, seed):
@@ -281,4 +308,5 @@ class WeSaR(ReparamAlgorithm):
             role_map=self.role_map,
             init_mode=init_mode,
             seed=seed,
+            sigma_reference_width=self.sigma_reference_width,
         )
