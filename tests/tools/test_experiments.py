@@ -68,6 +68,34 @@ def test_config_takes_the_method_part_and_the_shape(tmp_path):
     assert 'update_ratio_monitor' not in resolved['callbacks'] and resolved['loggers'] == {}
 
 
+def test_study_plan_and_arm_configs(tmp_path):
+    """Every study arm at every study shape over its five half-decades, two seeds; the literal sigma^2 at the first
+    shape only; each arm's algorithms from the width (sigma^2 = 0.081 / d, Small's 2 / (5d)) and qk-LayerNorm."""
+    from omegaconf import OmegaConf as om
+
+    study = ex.plan(ex.FULL, ['study'])
+    assert len(study) == len({s.name for s in study}) == 2 * (4 * 5 * 5 + 5)
+    assert {s.method for s in study if s.shape == 'base'} == {*ex.STUDY_ARMS, 'wesar'}
+    assert 'wesar' not in {s.method for s in study if s.shape != 'base'}
+    assert [s.shape for s in study[-5:]] == ['d128-L4'] * 5  # a deadline cuts the second width first
+
+    def algorithms(method, shape='d64-L8'):
+        spec = ex.RunSpec('study', method, shape, 0, 1e-2)
+        cfg = ex.build_config(spec, ex.FULL, ex.SHAPES, '/data', '/mlruns', tmp_path)
+        resolved = om.to_container(om.merge(cfg, {'variables': {'method': method}}), resolve=True)
+        return resolved['algorithms'], resolved['model']
+
+    algs, model = algorithms('wesar_width', 'd128-L4')
+    assert algs['wesar']['sigma_squared'] == pytest.approx(0.081 / 128) and algs['wesar']['trainable_gates']
+    algs, _ = algorithms('matrix_lr')
+    assert algs['paper_init'] == {'backbone': 'he', 'embedding_scaling': True, 'matrix_lr_sigma_squared': 0.081 / 64}
+    algs, _ = algorithms('small_od_lr')
+    assert algs['paper_init']['matrix_lr_sigma_squared'] == pytest.approx(2 / (5 * 64))
+    algs, model = algorithms('small_qkln')
+    assert algs['paper_init']['backbone'] == 'small' and model['attn_config']['qk_ln'] is True
+    assert algorithms('small_rapid')[1]['attn_config'].get('qk_ln', False) is False
+
+
 def test_diverged_rule():
     assert ex.diverged(float('nan'), [5.0, 4.0])
     assert ex.diverged(4.0, [5.0, None, 4.0])

@@ -11,7 +11,11 @@ recipes' method parts (package data ``wesar_composer/tools/yamls/method/*.yaml``
 - ``reparam``: Weight Normalization, sigma-Reparam (pre-LN), residual scaling (He and Small)
   beside Small init and WeSaR (Table 6 in miniature);
 - ``lr``: the learning rate swept upward for Small init and WeSaR, loss spikes and divergences
-  counted by ``loss_spike_counter`` (the stress test standing in for the 13B spikes).
+  counted by ``loss_spike_counter`` (the stress test standing in for the 13B spikes);
+- ``study`` (not in the default groups): each arm at its own best learning rate, over three
+  depths and two widths: Small init, WeSaR with width-scaled sigma, the literal sigma^2 = 4e-5,
+  per-matrix learning rates without gates, Small init with W_o / W_d at lr / sqrt(2N), and
+  qk-LayerNorm as a positive control (``docs/reproduction.md`` states its decision rule).
 
 Runs of Small init and WeSaR with the first seed log ``update_ratio_monitor`` to a local MLflow
 store; ``wesar-plot``'s functions draw Figure 1 / 3 and the heatmap from it. Every finished run
@@ -24,8 +28,8 @@ refreshed.
     wesar-experiments --render docs/reproduction --page docs/reproduction.md   # figures and page tables only
 
 Modules: :mod:`~.grid` (the grid of runs and their configs), :mod:`~.run` (running them, the
-process pool), :mod:`~.tables` (``results.csv`` and the page's generated tables), :mod:`~.figures`
-(figures), :mod:`~.cli` (the console entry).
+process pool), :mod:`~.tables` (``results.csv`` and the page's generated tables), :mod:`~.study` (the study's
+measures and decision rule), :mod:`~.figures` (figures), :mod:`~.cli` (the console entry).
 """
 
 from wesar_composer.tools.experiments.cli import main
@@ -41,13 +45,16 @@ from wesar_composer.tools.experiments.grid import (
     REPARAM_METHODS,
     SETTINGS,
     SHAPES,
+    STUDY_ARMS,
+    STUDY_LRS,
     RunSpec,
     Scale,
     build_config,
     plan,
     run_settings,
 )
-from wesar_composer.tools.experiments.run import diverged, run_grid, run_one
+from wesar_composer.tools.experiments.run import diverged, max_attention_logit, run_grid, run_one
+from wesar_composer.tools.experiments.study import decisions, plot_study, summarize
 from wesar_composer.tools.experiments.tables import (
     RESULTS_CSV,
     Row,
@@ -63,6 +70,8 @@ __all__ = [
     'REPARAM_METHODS',
     'LR_METHODS',
     'FIGURE_METHODS',
+    'STUDY_ARMS',
+    'STUDY_LRS',
     'SHAPES',
     'QUICK_SHAPES',
     'SETTINGS',
@@ -83,5 +92,9 @@ __all__ = [
     'render_page',
     'table_norms',
     'plot_figures',
+    'max_attention_logit',
+    'summarize',
+    'decisions',
+    'plot_study',
     'main',
 ]
