@@ -217,6 +217,10 @@ def decisions(summary) -> list[str]:
     if len(depths) < 3:
         lines.append(f'Only {len(depths)} of the 3 depths have both Small init and WeSaR: the rule cannot be applied.')
         return lines
+    no_se = [d for d in depths if not math.isfinite(summary[(d, SMALL)].se)]
+    if no_se:
+        lines.append(f'No seed variance at {", ".join(_shape_label(d) for d in no_se)} yet: the rule cannot be applied.')
+        return lines
     wins = [d for d in depths if (x := difference(summary, d, 'wesar_width', SMALL)) and x.z < -2]
     gap = {d: -difference(summary, d, 'wesar_width', SMALL).delta for d in depths}  # type: ignore[union-attr]
     growing = gap['d64-L8'] > gap['d64-L2']
@@ -230,11 +234,17 @@ def decisions(summary) -> list[str]:
     )
     shapes = sorted({s for s, m in summary if m == 'wesar_width' and (s, 'matrix_lr') in summary})
     diffs = {s: difference(summary, s, 'wesar_width', 'matrix_lr') for s in shapes}
-    same = all(d is not None and abs(d.z) <= 2 for d in diffs.values())
+    undecided = [s for s, d in diffs.items() if d is None or not math.isfinite(d.z)]
+    if undecided or not shapes:
+        verdict = f'Cannot be decided: no SE at {", ".join(_shape_label(s) for s in undecided) or "any shape"}.'
+    elif all(d is not None and abs(d.z) <= 2 for d in diffs.values()):
+        verdict = 'The gates add nothing beyond the learning rates.'
+    else:
+        verdict = 'The gates differ from the learning rates.'
     lines.append(
         '2. WeSaR - per-matrix lr at each shape: '
         + ', '.join(f'{_shape_label(s)} {d}' for s, d in diffs.items())
-        + f'. **{"The gates add nothing beyond the learning rates." if same and shapes else "The gates differ from the learning rates."}**'
+        + f'. **{verdict}**'
     )
     od = [d for d in depths if (x := difference(summary, d, 'small_od_lr', SMALL)) and x.z < -2]
     lines.append(
