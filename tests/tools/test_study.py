@@ -74,3 +74,9 @@ def test_decision_rule_follows_the_numbers():
     # a gap that shrinks with depth is not enough, even where each depth is significant
     shrinking = decisions(summarize(_study({'d64-L2': 0.2, 'base': 0.1, 'd64-L8': 0.05})))
     assert 'not growing' in shrinking[0] and 'No evidence' in shrinking[0]
+
+
+def test_no_verdict_without_a_standard_error():
+    one_seed = [r for r in _study({'d64-L2': 0.3, 'base': 0.3, 'd64-L8': 0.3}) if r['seed'] == 0]
+    lines = decisions(summarize(one_seed))
+    assert lines == [lines[0]] and 'the rule cannot be applied' in lines[0]
