@@ -80,3 +80,13 @@ def test_no_verdict_without_a_standard_error():
     one_seed = [r for r in _study({'d64-L2': 0.3, 'base': 0.3, 'd64-L8': 0.3}) if r['seed'] == 0]
     lines = decisions(summarize(one_seed))
     assert lines == [lines[0]] and 'the rule cannot be applied' in lines[0]
+
+
+def test_a_shape_without_a_second_seed_borrows_the_pooled_variance():
+    rows = [r for r in _study({'d64-L2': 0.0, 'base': 0.0, 'd64-L8': 0.0}) if r['shape'] != 'd64-L8' or r['seed'] == 0]
+    s = summarize(rows)
+    everywhere = pooled_variance(rows, None)
+    assert everywhere == pytest.approx(0.0002)  # seeds +-0.01 at every point of the two other shapes
+    assert s[('d64-L8', 'small_rapid')].se_borrowed and not s[('base', 'small_rapid')].se_borrowed
+    assert s[('d64-L8', 'small_rapid')].se == pytest.approx(math.sqrt(everywhere / 1))
+    assert s[('base', 'small_rapid')].se == pytest.approx(math.sqrt(everywhere / 2))

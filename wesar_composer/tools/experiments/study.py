@@ -37,6 +37,7 @@ class ArmSummary:
     best_lr: float
     best: float
     se: float  # of the best point's mean, from the shape's pooled seed variance
+    se_borrowed: bool  # the shape had no second seed: the variance pooled over every shape was used
     sensitivity: float
     basin: int  # swept half-decades within BASIN_NATS of the best
     basin_at_edge: bool  # the basin reaches the end of the sweep: it may be wider
@@ -58,14 +59,15 @@ def _initial_loss(rows: list[dict]) -> float:
     return math.log(n_vocab)
 
 
-def pooled_variance(rows: list[dict], shape: str) -> float:
-    """Mean of the per-point seed variances at ``shape``, over points with two or more finite seeds and no spike."""
+def pooled_variance(rows: list[dict], shape: Optional[str]) -> float:
+    """Mean of the per-point seed variances at ``shape`` (every shape: None), over points with two or more
+    finite seeds and no spike."""
     cells: dict[tuple, list[float]] = {}
     spiked: set[tuple] = set()
     for r in rows:
-        if r['group'] != 'study' or r['shape'] != shape:
+        if r['group'] != 'study' or (shape is not None and r['shape'] != shape):
             continue
-        key = (r['method'], r['lr'])
+        key = (r['shape'], r['method'], r['lr'])
         cells.setdefault(key, []).append(r['val_loss'])
         if r['spikes'] or r['diverged']:
             spiked.add(key)
@@ -77,8 +79,12 @@ def summarize(rows: list[dict]) -> dict[tuple[str, str], ArmSummary]:
     study = [r for r in rows if r['group'] == 'study']
     l0 = _initial_loss(study)
     out = {}
+    everywhere = pooled_variance(study, None)
     for shape in sorted({r['shape'] for r in study}):
         pooled = pooled_variance(study, shape)
+        borrowed = not math.isfinite(pooled)  # no point of this shape has two seeds (a deadline cut them)
+        if borrowed:
+            pooled = everywhere
         for method in ARM_ORDER:
             sel = [r for r in study if r['shape'] == shape and r['method'] == method]
             if not sel:
@@ -106,6 +112,7 @@ def summarize(rows: list[dict]) -> dict[tuple[str, str], ArmSummary]:
                 best_lr=best_lr,
                 best=best,
                 se=math.sqrt(pooled / seeds) if seeds else float('nan'),
+                se_borrowed=borrowed,
                 sensitivity=statistics.fmean(c - best for c in capped) if finite else float('nan'),
                 basin=sum(in_basin),
                 basin_at_edge=in_basin[0] or in_basin[-1],
@@ -147,10 +154,15 @@ def table_arms(summary: dict[tuple[str, str], ArmSummary]) -> str:
     for (shape, method), s in summary.items():
         basin = f'{"≥" if s.basin_at_edge else ""}{s.basin}'
         lines.append(
-            f'| {_shape_label(shape)} | {METHODS[method][0]} | {s.best_lr:g} | {s.best:.3f} ± {s.se:.3f} '
+            f'| {_shape_label(shape)} | {METHODS[method][0]} | {s.best_lr:g} | {s.best:.3f} ± {s.se:.3f}{"*" if s.se_borrowed else ""} '
             f'| {s.sensitivity:.3f} | {basin} | {s.spiked_runs} / {s.runs} | {s.d_over_u:.2f} '
             f'| {s.max_logit_best:.1f} / {s.max_logit_top:.1f} |'
         )
+    if any(s.se_borrowed for s in summary.values()):
+        lines += [
+            '',
+            '*: this shape has no point with two seeds; its SE uses the seed variance pooled over every shape.',
+        ]
     return '\n'.join(lines)
 
 
@@ -219,7 +231,9 @@ def decisions(summary) -> list[str]:
         return lines
     no_se = [d for d in depths if not math.isfinite(summary[(d, SMALL)].se)]
     if no_se:
-        lines.append(f'No seed variance at {", ".join(_shape_label(d) for d in no_se)} yet: the rule cannot be applied.')
+        lines.append(
+            f'No seed variance at {", ".join(_shape_label(d) for d in no_se)} yet: the rule cannot be applied.'
+        )
         return lines
     wins = [d for d in depths if (x := difference(summary, d, 'wesar_width', SMALL)) and x.z < -2]
     gap = {d: -difference(summary, d, 'wesar_width', SMALL).delta for d in depths}  # type: ignore[union-attr]
