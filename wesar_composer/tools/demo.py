@@ -406,6 +406,11 @@ def write_report(
         'over the logged steps, averaged over layers / in the last layer. The paper (Figure 1) finds '
         'W_d updated far faster than W_u under Small init and the two comparable under WeSaR.',
         '- wall time: the whole llm-foundry run (model build, training, evaluations), on this machine.',
+        '- one learning rate for both: with Adam each matrix moves by about lr / (its std) per step, and '
+        "WeSaR's actual weights are several times smaller than Small init's here, so this table compares "
+        "step sizes as much as methods. At each method's own best learning rate (docs/reproduction.md in "
+        'the wesar-composer repository) WeSaR and Small init reached the same loss; see '
+        'docs/choosing-sigma-and-lr.md for setting sigma and the learning rate.',
         '',
     ]
     for picture in pictures:
