@@ -328,8 +328,11 @@ def plot_study(out_dir: Path, rows: list[dict]) -> list[str]:
     for row in (0, 1):
         axes[row][0].set_ylabel('validation loss')
     axes[0][0].set_ylim(top=_initial_loss(rows))
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc='lower center', ncol=3, fontsize=8)
+    legend = {}
+    for ax in axes[0]:  # every arm once, the literal sigma's too (first shape only)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc='lower center', ncol=3, fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     path = out_dir / 'figures' / 'study_lr.png'
     path.parent.mkdir(parents=True, exist_ok=True)
