@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from tests.common.results import results_row
 from wesar_composer.tools import experiments as ex
 from wesar_composer.tools.experiments import tables
 
@@ -194,31 +195,13 @@ def test_render_reproduces_the_tables_from_a_results_file(tmp_path):
     for seed, (small, wesar) in enumerate(((5.0, 4.5), (5.2, 4.7))):
         for method, loss, spikes in (('small_rapid', small, 1), ('wesar', wesar, 0)):
             rows.append(
-                dict(
-                    group='main',
-                    method=method,
-                    label=ex.METHODS[method][0],
-                    shape='base',
-                    d_model=64,
-                    n_layers=4,
-                    seed=seed,
-                    setting='rapid',
-                    lr=1e-3,
-                    batch=16,
-                    steps=120,
-                    warmup=2,
-                    tokens=120 * 16 * 64,
-                    n_params=1000,
-                    val_loss=loss,
-                    val_ppl=math.exp(loss),
-                    final_train_loss=loss,
+                results_row(
+                    method,
+                    seed,
+                    loss,
                     spikes=spikes,
-                    diverged=0,
                     d_over_u_last=2.8 if method == 'small_rapid' else 1.0,
                     wall_s=100.0 + seed,
-                    batch_s=0.5,
-                    run_name=f'main-base-{method}-s{seed}',
-                    run_id='',
                 )
             )
     rows.append(

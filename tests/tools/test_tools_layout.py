@@ -4,7 +4,6 @@ scripts run from any folder on the user's own files, with the YAMLs read from th
 from __future__ import annotations
 
 import ast
-import math
 import os
 import subprocess
 import sys
@@ -198,40 +197,13 @@ def test_wesar_plot_reads_and_writes_relative_to_the_current_folder(tmp_path):
 
 @pytest.mark.slow
 def test_wesar_experiments_renders_a_results_folder_and_page_of_the_current_folder(tmp_path, monkeypatch, capsys):
+    from tests.common.results import results_row
     from tests.tools.test_experiments import PAGE
-    from wesar_composer.tools.experiments import METHODS, RESULTS_CSV, tables
+    from wesar_composer.tools.experiments import RESULTS_CSV, tables
 
     (tmp_path / 'results').mkdir()
     for seed, loss in enumerate((4.5, 4.7)):
-        tables._append_row(
-            tmp_path / 'results' / RESULTS_CSV,
-            dict(
-                group='main',
-                method='wesar',
-                label=METHODS['wesar'][0],
-                shape='base',
-                d_model=64,
-                n_layers=4,
-                seed=seed,
-                setting='rapid',
-                lr=1e-3,
-                batch=16,
-                steps=120,
-                warmup=2,
-                tokens=120 * 16 * 64,
-                n_params=1000,
-                val_loss=loss,
-                val_ppl=math.exp(loss),
-                final_train_loss=loss,
-                spikes=0,
-                diverged=0,
-                d_over_u_last=1.0,
-                wall_s=100.0,
-                batch_s=0.5,
-                run_name=f'main-base-wesar-s{seed}',
-                run_id='',
-            ),
-        )
+        tables._append_row(tmp_path / 'results' / RESULTS_CSV, results_row('wesar', seed, loss))
     (tmp_path / 'page.md').write_text(PAGE)
     done = run([script('wesar-experiments'), '--render', 'results', '--page', 'page.md'], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
