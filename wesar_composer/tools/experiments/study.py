@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from wesar_composer.tools.experiments.grid import METHODS, SHAPES, study_sigma_squared
+from wesar_composer.tools.experiments.grid import FULL, METHODS, SHAPES, study_sigma_squared
+from wesar_composer.tools.experiments.tables import _stats
 
 __all__ = ['ArmSummary', 'summarize', 'render_study_tables', 'plot_study']
 
@@ -53,10 +54,7 @@ def _finite(values):
     return [v for v in values if math.isfinite(v)]
 
 
-def _initial_loss(rows: list[dict]) -> float:
-    """L0 of the LR sensitivity: ln(vocabulary), the loss of a uniform prediction at initialization."""
-    n_vocab = max((int(r.get('vocab_size') or 0) for r in rows), default=0) or 1024
-    return math.log(n_vocab)
+INITIAL_LOSS = math.log(FULL.vocab_size)  # L0 of the LR sensitivity: a uniform prediction over the study's vocabulary
 
 
 def pooled_variance(rows: list[dict], shape: Optional[str]) -> float:
@@ -77,7 +75,7 @@ def pooled_variance(rows: list[dict], shape: Optional[str]) -> float:
 
 def summarize(rows: list[dict]) -> dict[tuple[str, str], ArmSummary]:
     study = [r for r in rows if r['group'] == 'study']
-    l0 = _initial_loss(study)
+    l0 = INITIAL_LOSS
     out = {}
     everywhere = pooled_variance(study, None)
     for shape in sorted({r['shape'] for r in study}):
@@ -127,8 +125,7 @@ def summarize(rows: list[dict]) -> dict[tuple[str, str], ArmSummary]:
 
 
 def _mean(values) -> float:
-    vals = _finite([float(v) for v in values if v is not None])
-    return statistics.fmean(vals) if vals else float('nan')
+    return _stats([float('nan') if v is None else float(v) for v in values])[0]
 
 
 def _shape_label(shape: str) -> str:
@@ -327,7 +324,7 @@ def plot_study(out_dir: Path, rows: list[dict]) -> list[str]:
             axes[row][col].grid(alpha=0.3)
     for row in (0, 1):
         axes[row][0].set_ylabel('validation loss')
-    axes[0][0].set_ylim(top=_initial_loss(rows))
+    axes[0][0].set_ylim(top=INITIAL_LOSS)
     legend = {}
     for ax in axes[0]:  # every arm once, the literal sigma's too (first shape only)
         for handle, label in zip(*ax.get_legend_handles_labels()):
