@@ -4,7 +4,18 @@ import math
 
 import pytest
 
-from wesar_composer.tools.experiments.study import decisions, pooled_variance, summarize
+from wesar_composer.tools.experiments.cli import main
+from wesar_composer.tools.experiments.grid import FULL, REFINE_ARMS, plan, refine_lrs
+from wesar_composer.tools.experiments.study import (
+    OD_VERDICT,
+    best_lrs,
+    decisions,
+    pooled_variance,
+    refine,
+    refined_decisions,
+    render_study_tables,
+    summarize,
+)
 
 LRS_SMALL = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 LRS_SIGMA = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -90,3 +101,66 @@ def test_a_shape_without_a_second_seed_borrows_the_pooled_variance():
     assert s[('d64-L8', 'small_rapid')].se_borrowed and not s[('base', 'small_rapid')].se_borrowed
     assert s[('d64-L8', 'small_rapid')].se == pytest.approx(math.sqrt(everywhere / 1))
     assert s[('base', 'small_rapid')].se == pytest.approx(math.sqrt(everywhere / 2))
+
+
+def _refine_rows(shape, method, best_lr, centre, noise=(0.005, -0.005)):
+    """Refinement runs of ``method`` around ``best_lr``: ``centre`` at the lower point, 0.1 higher at the other."""
+    lrs = refine_lrs(method, best_lr)
+    rows = _rows(shape, method, lrs, [centre, centre + 0.1], noise=noise)
+    for r in rows:
+        r['group'] = 'refine'
+    return rows
+
+
+def test_refine_plan_takes_the_lrs_beside_each_best():
+    assert refine_lrs('small_rapid', 1e-2) == (0.00548, 0.0173)
+    assert refine_lrs('small_rapid', 1e-1) == (0.0548,)  # the end of the sweep: one side
+    with pytest.raises(ValueError, match='0.005.*not one of its study learning rates'):
+        refine_lrs('small_rapid', 5e-3)
+    rows = _study({'d64-L2': 0.0, 'base': 0.0, 'd64-L8': 0.0})
+    best = best_lrs(rows)
+    assert best[('base', 'small_rapid')] == 1e-2 and best[('base', 'wesar_width')] == 3e-3
+    assert ('base', 'small_qkln') not in best  # not an arm of rules 1 to 3
+    specs = [s for s in plan(FULL, ['refine'], best) if s.shape == 'base']
+    assert {s.name for s in specs if s.method == 'wesar_width' and s.seed == 0} == {
+        'refine-base-wesar_width-lr0.00173-s0',
+        'refine-base-wesar_width-lr0.00548-s0',
+    }
+    assert len(specs) == len(REFINE_ARMS) * 2 * len(FULL.study_seeds)
+    with pytest.raises(ValueError, match="needs the study's results"):
+        plan(FULL, ['refine'], {})
+
+
+def test_refine_without_study_results_is_refused_before_any_work(tmp_path, capsys):
+    assert main(['--groups', 'refine', '--out', str(tmp_path / 'none')]) == 2
+    assert "needs the study's results" in capsys.readouterr().err
+    assert not (tmp_path / 'none').exists()
+
+
+def test_refined_rules_use_the_near_optimum_noise():
+    # the study: every arm's sweep with its best at the middle lr; far seeds at the top lr inflate its SE
+    rows = _study({'d64-L2': 0.0, 'base': 0.0, 'd64-L8': 0.0})
+    for r in rows:
+        if r['lr'] == max(LRS_SMALL) or (r['method'] in ('wesar_width', 'matrix_lr') and r['lr'] == max(LRS_SIGMA)):
+            r['val_loss'] += 0.5 if r['seed'] == 0 else -0.5
+    best = best_lrs(rows)
+    for shape, n_gap in (('d64-L2', 0.03), ('base', 0.05), ('d64-L8', 0.08)):
+        rows += _refine_rows(shape, 'small_rapid', best[(shape, 'small_rapid')], 3.99)
+        rows += _refine_rows(shape, 'small_od_lr', best[(shape, 'small_od_lr')], 3.99 - n_gap)
+        rows += _refine_rows(shape, 'wesar_width', best[(shape, 'wesar_width')], 3.98)
+        rows += _refine_rows(shape, 'matrix_lr', best[(shape, 'matrix_lr')], 3.98)
+    # the study's rule: SE from every point, 0.5-nat seed differences at the top lr included
+    study_lines = decisions(summarize(rows))
+    assert 'Not shown.' in study_lines[2]
+    refined = refine(rows)
+    small = refined[('base', 'small_rapid')]
+    assert small.best == pytest.approx(3.99) and small.best_lr == 0.00548
+    # pooled over the 12 near-optimum points, each with seeds +-0.005 or +-0.01
+    assert small.se == pytest.approx(math.sqrt((8 * 0.00005 + 4 * 0.0002) / 12 / 2))
+    lines = refined_decisions(refined)
+    assert 'at 0 of 3 depths' in lines[0] and 'does not reach a lower loss' in lines[0]
+    assert 'The gates add nothing beyond the learning rates.' in lines[1]
+    assert 'more than 2 SE lower at 3 of 3 depths' in lines[2] and OD_VERDICT in lines[2]
+    tables = render_study_tables(rows)
+    assert tables['study-refined-decision'] == '\n'.join(lines)
+    assert '0.00548: 3.990' in tables['study-refined']

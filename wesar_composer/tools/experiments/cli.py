@@ -30,7 +30,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--out', default='runs/reproduction', help='results folder (default runs/reproduction)')
     parser.add_argument('--quick', action='store_true', help='tiny models, a few steps, one seed: minutes')
     parser.add_argument(
-        '--groups', nargs='+', default=['main', 'reparam', 'lr'], choices=['main', 'reparam', 'lr', 'study']
+        '--groups',
+        nargs='+',
+        default=['main', 'reparam', 'lr'],
+        choices=['main', 'reparam', 'lr', 'study', 'refine'],
+        help="refine: the study's arms of its rules 1 to 3 at learning rates between its best and the "
+        'neighbours; reads the study results in --out',
     )
     parser.add_argument('--jobs', type=int, default=1, help='runs at a time, one torch thread each when > 1')
     parser.add_argument('--steps', type=int, default=None, help='rapid steps (stable: a quarter)')
@@ -65,6 +70,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.yaml and not Path(args.yaml).is_file():
         print(f'wesar-experiments: error: --yaml {args.yaml!r} does not exist.', file=sys.stderr)
         return 2
+
+    if 'refine' in args.groups and not args.render:
+        from wesar_composer.tools.experiments.study import best_lrs
+
+        if not best_lrs(read_results(Path(args.out) / RESULTS_CSV)):
+            print(
+                f"wesar-experiments: error: --groups refine needs the study's results in {Path(args.out) / RESULTS_CSV}; "
+                'run --groups study into the same --out first.',
+                file=sys.stderr,
+            )
+            return 2
 
     if args.render:
         out_dir = Path(args.render)

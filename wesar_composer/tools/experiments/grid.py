@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -16,6 +17,8 @@ __all__ = [
     'FIGURE_METHODS',
     'STUDY_ARMS',
     'STUDY_LRS',
+    'REFINE_ARMS',
+    'refine_lrs',
     'study_sigma_squared',
     'SHAPES',
     'QUICK_SHAPES',
@@ -71,7 +74,21 @@ STUDY_LRS = {
     'matrix_lr': _SIGMA_LRS,
     'wesar': _SIGMA_LRS,
 }
+# The refinement: the arms of rules 1 to 3 of the study's decision rule, at the learning rates
+# halfway (geometric mean) between each one's best study lr and its neighbours, from the results.
+REFINE_ARMS = ('small_rapid', 'small_od_lr', 'wesar_width', 'matrix_lr')
 WIDTH_SIGMA_CONSTANT = 0.081  # sigma^2 = 0.081 / d: the paper's 4e-5 at d = 2048, sigma / s_small(d) = 0.45 at any d
+
+
+def refine_lrs(method: str, best_lr: float) -> tuple[float, ...]:
+    """The learning rates halfway, on a log scale, between ``best_lr`` and its neighbours in the arm's
+    STUDY_LRS (a quarter-decade or so each side), to 3 significant digits."""
+    lrs = STUDY_LRS[method]
+    if best_lr not in lrs:
+        raise ValueError(f'best lr {best_lr:g} of {method!r} is not one of its study learning rates {lrs}')
+    i = lrs.index(best_lr)
+    neighbours = [lrs[j] for j in (i - 1, i + 1) if 0 <= j < len(lrs)]
+    return tuple(float(f'{math.sqrt(best_lr * n):.3g}') for n in neighbours)
 
 
 def study_sigma_squared(method: str, d_model: int) -> float:
@@ -178,7 +195,7 @@ def _say(line: str) -> None:
 
 @dataclass(frozen=True)
 class RunSpec:
-    group: str  # main | reparam | lr
+    group: str  # main | reparam | lr | study | refine
     method: str
     shape: str
     seed: int
@@ -190,10 +207,15 @@ class RunSpec:
         return f'{self.group}-{self.shape}-{self.method}-lr{self.lr:g}-s{self.seed}'
 
 
-def plan(scale: Scale, groups: Sequence[str] = ('main', 'reparam', 'lr')) -> list[RunSpec]:
+def plan(
+    scale: Scale,
+    groups: Sequence[str] = ('main', 'reparam', 'lr'),
+    study_best: Optional[dict[tuple[str, str], float]] = None,
+) -> list[RunSpec]:
     """The runs of a grid, the most informative first: two seeds of the main grid, the lr sweep,
     the compared reparameterizations, then the other seeds of the main grid and of the lr sweep
-    (a deadline cuts from the end)."""
+    (a deadline cuts from the end); then the study, then its refinement, which needs the study's
+    best learning rate of each (shape, arm) in ``study_best``."""
     specs: list[RunSpec] = []
 
     def main_runs(seeds):
@@ -233,6 +255,15 @@ def plan(scale: Scale, groups: Sequence[str] = ('main', 'reparam', 'lr')) -> lis
                     for lr in STUDY_LRS[method][: scale.study_lr_points]:
                         monitor = seed == scale.study_seeds[0]
                         specs.append(RunSpec('study', method, shape, seed, lr, monitor))
+    if 'refine' in groups:
+        if not study_best:
+            raise ValueError("group 'refine' needs the study's results: run --groups study first, into the same --out")
+        for shape in scale.study_shapes:
+            for seed in scale.study_seeds:
+                for method in REFINE_ARMS:
+                    if (shape, method) in study_best:
+                        for lr in refine_lrs(method, study_best[(shape, method)]):
+                            specs.append(RunSpec('refine', method, shape, seed, lr))
     return specs
 
 

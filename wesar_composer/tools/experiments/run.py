@@ -216,6 +216,17 @@ def run_grid(
     """
     from wesar_composer.tools.data import build_dataset, default_output_dir
 
+    results_path = out_dir / RESULTS_CSV
+    study_best = None
+    if 'refine' in groups:  # refined around the study's results: checked before any work
+        from wesar_composer.tools.experiments.study import best_lrs
+
+        study_best = best_lrs(read_results(results_path))
+        if not study_best:
+            raise ValueError(
+                f"group 'refine' needs the study's results in {results_path}: "
+                'run --groups study first, into the same --out'
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     data = build_dataset(
         data_root or default_output_dir(scale.vocab_size, scale.seq_len, scale.max_chars),
@@ -224,9 +235,9 @@ def run_grid(
         max_chars=scale.max_chars,
         progress=lambda line: _say(f'data: {line}'),
     )
-    results_path = out_dir / RESULTS_CSV
     done = {r['run_name'] for r in read_results(results_path)}
-    todo = [s for s in plan(scale, groups) if s.name not in done]
+    planned = plan(scale, groups, study_best)
+    todo = [s for s in planned if s.name not in done]
     if any(s.monitor for s in todo):  # created once here: two workers creating it at once collide
         import mlflow
 
@@ -262,7 +273,7 @@ def run_grid(
                 'shapes': shapes,
                 'groups': list(groups),
                 'jobs': jobs,
-                'planned': [s.name for s in plan(scale, groups)],
+                'planned': [s.name for s in planned],
                 'not_started': [s.name for s in queue],
                 'data': {
                     'root': str(data.root),

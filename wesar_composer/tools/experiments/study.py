@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from wesar_composer.tools.experiments.grid import FULL, METHODS, SHAPES, study_sigma_squared
+from wesar_composer.tools.experiments.grid import FULL, METHODS, REFINE_ARMS, SHAPES, study_sigma_squared
 from wesar_composer.tools.experiments.tables import _stats
 
-__all__ = ['ArmSummary', 'summarize', 'render_study_tables', 'plot_study']
+__all__ = ['ArmSummary', 'summarize', 'best_lrs', 'refine', 'render_study_tables', 'plot_study']
 
 SMALL = 'small_rapid'
 ARM_ORDER = ('small_rapid', 'small_qkln', 'small_od_lr', 'wesar_width', 'matrix_lr', 'wesar')
@@ -57,20 +57,23 @@ def _finite(values):
 INITIAL_LOSS = math.log(FULL.vocab_size)  # L0 of the LR sensitivity: a uniform prediction over the study's vocabulary
 
 
-def pooled_variance(rows: list[dict], shape: Optional[str]) -> float:
-    """Mean of the per-point seed variances at ``shape`` (every shape: None), over points with two or more
+def _pooled(rows: list[dict]) -> float:
+    """Mean of the per-point (shape, arm, lr) seed variances of ``rows``, over points with two or more
     finite seeds and no spike."""
     cells: dict[tuple, list[float]] = {}
     spiked: set[tuple] = set()
     for r in rows:
-        if r['group'] != 'study' or (shape is not None and r['shape'] != shape):
-            continue
         key = (r['shape'], r['method'], r['lr'])
         cells.setdefault(key, []).append(r['val_loss'])
         if r['spikes'] or r['diverged']:
             spiked.add(key)
     variances = [statistics.variance(_finite(v)) for k, v in cells.items() if k not in spiked and len(_finite(v)) > 1]
     return statistics.fmean(variances) if variances else float('nan')
+
+
+def pooled_variance(rows: list[dict], shape: Optional[str]) -> float:
+    """The seed variance of the study's points at ``shape`` (every shape: None), pooled by ``_pooled``."""
+    return _pooled([r for r in rows if r['group'] == 'study' and (shape is None or r['shape'] == shape)])
 
 
 def summarize(rows: list[dict]) -> dict[tuple[str, str], ArmSummary]:
@@ -283,16 +286,128 @@ def decisions(summary) -> list[str]:
     return lines
 
 
+def best_lrs(rows: list[dict]) -> dict[tuple[str, str], float]:
+    """The study's best learning rate of each (shape, arm) that the refinement runs again."""
+    return {k: s.best_lr for k, s in summarize(rows).items() if k[1] in REFINE_ARMS and math.isfinite(s.best_lr)}
+
+
+@dataclass
+class Refined:
+    """An arm near its optimum: the study's best lr and the refinement's lrs beside it."""
+
+    shape: str
+    method: str
+    lrs: list[float]
+    means: list[float]
+    best_lr: float
+    best: float
+    se: float  # of the best point's mean, from the seed variance pooled over the shape's near-optimum points
+
+
+def refine(rows: list[dict]) -> dict[tuple[str, str], Refined]:
+    """Each refined arm's best over its near-optimum points (the study's best lr and the refinement's
+    lrs), with the seed variance pooled over those points of the shape: the noise near the optimum,
+    not that of the unstable learning rates past it."""
+    summary = summarize(rows)
+    near: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        key = (r['shape'], r['method'])
+        if key not in summary:
+            continue
+        if r['group'] == 'refine' or (r['group'] == 'study' and r['lr'] == summary[key].best_lr):
+            near.setdefault(key, []).append(r)
+    refined = {k: v for k, v in near.items() if any(r['group'] == 'refine' for r in v)}
+    out = {}
+    for shape in sorted({k[0] for k in refined}):
+        pooled = _pooled([r for k, v in refined.items() if k[0] == shape for r in v])
+        for method in REFINE_ARMS:
+            sel = refined.get((shape, method))
+            if not sel:
+                continue
+            lrs = sorted({r['lr'] for r in sel})
+            runs = {lr: [r['val_loss'] for r in sel if r['lr'] == lr and not r['diverged']] for lr in lrs}
+            means = [statistics.fmean(_finite(v)) if _finite(v) else float('nan') for v in runs.values()]
+            best, best_lr = min((m, lr) for m, lr in zip(means, lrs) if math.isfinite(m))
+            seeds = len(_finite(runs[best_lr]))
+            out[(shape, method)] = Refined(
+                shape, method, lrs, means, best_lr, best, math.sqrt(pooled / seeds) if seeds else float('nan')
+            )
+    return out
+
+
+def _refined_difference(refined, shape: str, method: str, reference: str) -> Optional[Difference]:
+    a, b = refined.get((shape, method)), refined.get((shape, reference))
+    if a is None or b is None:
+        return None
+    return Difference(a.best - b.best, math.sqrt(a.se**2 + b.se**2))
+
+
+def table_refined(refined: dict[tuple[str, str], Refined]) -> str:
+    lines = [
+        '| shape | arm | mean loss at each lr near the optimum | best lr | best (± SE) | Δ vs Small init |',
+        '|---|---|---|---|---|---|',
+    ]
+    for (shape, method), r in refined.items():
+        points = ', '.join(f'{lr:g}: {m:.3f}' for lr, m in zip(r.lrs, r.means))
+        diff = _refined_difference(refined, shape, method, SMALL) if method != SMALL else None
+        lines.append(
+            f'| {_shape_label(shape)} | {METHODS[method][0]} | {points} | {r.best_lr:g} | {r.best:.3f} ± {r.se:.3f} '
+            f'| {diff if diff else ""} |'
+        )
+    return '\n'.join(lines)
+
+
+def refined_decisions(refined: dict[tuple[str, str], Refined]) -> list[str]:
+    """Rules 1(a), 2 and 3 of the decision rule on the refined bests and near-optimum SEs."""
+    depths = [d for d in DEPTHS if (d, SMALL) in refined and (d, 'wesar_width') in refined]
+    if len(depths) < 3 or not all(math.isfinite(refined[(d, SMALL)].se) for d in depths):
+        return [f'Refined at {len(depths)} of the 3 depths with a seed variance: the rules cannot be applied.']
+    vs_small = {d: _refined_difference(refined, d, 'wesar_width', SMALL) for d in depths}
+    wins = [d for d, x in vs_small.items() if x and x.z < -2]
+    gap = {d: -x.delta for d, x in vs_small.items() if x}
+    growing = gap['d64-L8'] > gap['d64-L2']
+    lines = [
+        '1(a). WeSaR - Small init: '
+        + ', '.join(f'{_shape_label(d)} {x}' for d, x in vs_small.items())
+        + f'; beats it by more than 2 SE at {len(wins)} of 3 depths, gap {"growing" if growing else "not growing"} '
+        f'with N. **{"WeSaR reaches a lower loss." if len(wins) >= 2 and growing else "WeSaR does not reach a lower loss."}**'
+    ]
+    shapes = sorted({s for s, m in refined if m == 'wesar_width' and (s, 'matrix_lr') in refined})
+    twin = {s: _refined_difference(refined, s, 'wesar_width', 'matrix_lr') for s in shapes}
+    if not shapes or any(d is None or not math.isfinite(d.z) for d in twin.values()):
+        verdict = 'Cannot be decided.'
+    elif all(d is not None and abs(d.z) <= 2 for d in twin.values()):
+        verdict = 'The gates add nothing beyond the learning rates.'
+    else:
+        verdict = 'The gates differ from the learning rates.'
+    lines.append(
+        '2. WeSaR - per-matrix lr: ' + ', '.join(f'{_shape_label(s)} {d}' for s, d in twin.items()) + f'. **{verdict}**'
+    )
+    od = {d: _refined_difference(refined, d, 'small_od_lr', SMALL) for d in depths}
+    od_wins = [d for d, x in od.items() if x and x.z < -2]
+    lines.append(
+        '3. W_o / W_d lr / sqrt(2N) - Small init: '
+        + ', '.join(f'{_shape_label(d)} {x}' for d, x in od.items())
+        + f'; more than 2 SE lower at {len(od_wins)} of 3 depths. **{OD_VERDICT if len(od_wins) >= 2 else "Not shown."}**'
+    )
+    return lines
+
+
 def render_study_tables(rows: list[dict]) -> dict[str, str]:
     summary = summarize(rows)
     if not summary:
         return {}
-    return {
+    tables = {
         'study-arms': table_arms(summary),
         'study-sweep': table_sweep(summary),
         'study-vs-small': table_vs_small(summary),
         'study-decision': '\n'.join(decisions(summary)),
     }
+    refined = refine(rows)
+    if refined:
+        tables['study-refined'] = table_refined(refined)
+        tables['study-refined-decision'] = '\n'.join(refined_decisions(refined))
+    return tables
 
 
 def plot_study(out_dir: Path, rows: list[dict]) -> list[str]:

@@ -236,7 +236,7 @@ def table_d_over_u(rows: list[dict]) -> str:
 def table_wall(rows: list[dict]) -> str:
     total = sum(r['wall_s'] for r in rows)
     lines = ['| group | shape | runs | wall time per run (mean ± std) | total |', '|---|---|---|---|---|']
-    for group in ('main', 'reparam', 'lr', 'study'):
+    for group in ('main', 'reparam', 'lr', 'study', 'refine'):
         for shape in sorted({r['shape'] for r in rows if r['group'] == group}):
             sel = _select(rows, group=group, shape=shape)
             lines.append(
@@ -262,10 +262,10 @@ def render_tables(rows: list[dict]) -> dict[str, str]:
     if 'lr' in groups:
         tables['lr'] = table_lr(rows)
     if groups & {'main', 'reparam', 'lr'}:
-        tables['wall'] = table_wall([r for r in rows if r['group'] != 'study'])
+        tables['wall'] = table_wall([r for r in rows if r['group'] not in ('study', 'refine')])
     if 'study' in groups:
         tables.update(render_study_tables(rows))
-        tables['study-wall'] = table_wall([r for r in rows if r['group'] == 'study'])
+        tables['study-wall'] = table_wall([r for r in rows if r['group'] in ('study', 'refine')])
     return tables
 
 
