@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from tests.common.results import results_row
 from wesar_composer.tools.experiments.cli import main
 from wesar_composer.tools.experiments.grid import FULL, REFINE_ARMS, plan, refine_lrs
 from wesar_composer.tools.experiments.study import (
@@ -11,11 +12,12 @@ from wesar_composer.tools.experiments.study import (
     best_lrs,
     decisions,
     pooled_variance,
-    refine,
     refined_decisions,
     render_study_tables,
     summarize,
+    summarize_refined,
 )
+from wesar_composer.tools.experiments.tables import RESULTS_CSV, _append_row
 
 LRS_SMALL = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 LRS_SIGMA = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -131,10 +133,19 @@ def test_refine_plan_takes_the_lrs_beside_each_best():
         plan(FULL, ['refine'], {})
 
 
-def test_refine_without_study_results_is_refused_before_any_work(tmp_path, capsys):
+def test_refine_of_a_missing_or_cut_study_is_refused_before_any_work(tmp_path, capsys):
     assert main(['--groups', 'refine', '--out', str(tmp_path / 'none')]) == 2
-    assert "needs the study's results" in capsys.readouterr().err
+    assert 'needs the whole study' in capsys.readouterr().err
     assert not (tmp_path / 'none').exists()
+    cut = tmp_path / 'cut'
+    cut.mkdir()
+    first = plan(FULL, ['study'])[0]
+    row = results_row(first.method, first.seed, 4.0, group='study', shape=first.shape, lr=first.lr, run_name=first.name)
+    _append_row(cut / RESULTS_CSV, row)
+    before = (cut / RESULTS_CSV).read_text()
+    assert main(['--groups', 'study', 'refine', '--out', str(cut)]) == 2
+    assert f'{len(plan(FULL, ["study"])) - 1} of its planned runs are missing' in capsys.readouterr().err
+    assert sorted(p.name for p in cut.iterdir()) == [RESULTS_CSV] and (cut / RESULTS_CSV).read_text() == before
 
 
 def test_refined_rules_use_the_near_optimum_noise():
@@ -152,7 +163,7 @@ def test_refined_rules_use_the_near_optimum_noise():
     # the study's rule: SE from every point, 0.5-nat seed differences at the top lr included
     study_lines = decisions(summarize(rows))
     assert 'Not shown.' in study_lines[2]
-    refined = refine(rows)
+    refined = summarize_refined(rows)
     small = refined[('base', 'small_rapid')]
     assert small.best == pytest.approx(3.99) and small.best_lr == 0.00548
     # pooled over the 12 near-optimum points, each with seeds +-0.005 or +-0.01
@@ -164,3 +175,44 @@ def test_refined_rules_use_the_near_optimum_noise():
     tables = render_study_tables(rows)
     assert tables['study-refined-decision'] == '\n'.join(lines)
     assert '0.00548: 3.990' in tables['study-refined']
+
+
+def test_refined_rules_say_what_they_cannot_decide():
+    rows = _study({'d64-L2': 0.0, 'base': 0.0, 'd64-L8': 0.0})
+    best = best_lrs(rows)
+    for shape in ('d64-L2', 'base', 'd64-L8'):
+        for method in REFINE_ARMS:
+            if (shape, method) not in (('d64-L8', 'matrix_lr'), ('base', 'small_od_lr')):  # the twin not at N 8
+                rows += _refine_rows(shape, method, best[(shape, method)], 3.99)
+    # runs around an earlier best (not beside the current one), and refinement runs that all diverged
+    stray = _refine_rows('base', 'small_rapid', 1e-1, 2.0)
+    diverged = _refine_rows('base', 'small_od_lr', best[('base', 'small_od_lr')], 3.0)
+    for r in diverged:
+        r['diverged'] = 1
+    refined = summarize_refined(rows + stray + diverged)
+    assert refined[('base', 'small_rapid')].best == pytest.approx(3.99)  # the stray 2.0 is left out
+    assert 0.0548 not in refined[('base', 'small_rapid')].lrs
+    od = refined[('base', 'small_od_lr')]  # the study's best point, its neighbours diverged
+    assert (od.best_lr, od.best) == (1e-2, pytest.approx(4.0)) and sum(math.isnan(m) for m in od.means) == 2
+    lines = refined_decisions(refined)
+    assert 'Cannot be decided: no refined per-matrix-lr arm or SE at d 64, N 8.' in lines[1]
+    assert 'd 64, N 8 not refined' in lines[1]
+    one_seed = refined_decisions(summarize_refined([r for r in rows if r['seed'] == 0]))
+    assert one_seed == ['No seed variance near the optimum (one seed): the rules cannot be applied.']
+
+
+def test_refined_rule_1a_needs_wins_at_two_depths_and_a_growing_gap():
+    def lines(gaps):
+        rows = _study({'d64-L2': 0.0, 'base': 0.0, 'd64-L8': 0.0})
+        best = best_lrs(rows)
+        for shape, gap in gaps.items():
+            rows += _refine_rows(shape, 'small_rapid', best[(shape, 'small_rapid')], 3.99)
+            rows += _refine_rows(shape, 'wesar_width', best[(shape, 'wesar_width')], 3.99 - gap)
+            rows += _refine_rows(shape, 'matrix_lr', best[(shape, 'matrix_lr')], 3.99)
+        return refined_decisions(summarize_refined(rows))
+
+    growing = lines({'d64-L2': 0.01, 'base': 0.05, 'd64-L8': 0.1})
+    assert 'at 2 of 3 depths' in growing[0] and '**WeSaR reaches a lower loss.**' in growing[0]
+    assert 'The gates differ from the learning rates.' in growing[1]
+    shrinking = lines({'d64-L2': 0.1, 'base': 0.05, 'd64-L8': 0.03})
+    assert 'not growing' in shrinking[0] and 'does not reach a lower loss' in shrinking[0]

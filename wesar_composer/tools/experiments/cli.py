@@ -16,7 +16,7 @@ from typing import Optional
 
 from wesar_composer.tools.experiments.figures import plot_figures
 from wesar_composer.tools.experiments.grid import FULL, QUICK, QUICK_SHAPES, SHAPES, _say
-from wesar_composer.tools.experiments.run import run_grid
+from wesar_composer.tools.experiments.run import refine_centres, run_grid
 from wesar_composer.tools.experiments.tables import RESULTS_CSV, read_results, render_page, render_tables
 
 __all__ = ['main']
@@ -71,17 +71,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'wesar-experiments: error: --yaml {args.yaml!r} does not exist.', file=sys.stderr)
         return 2
 
-    if 'refine' in args.groups and not args.render:
-        from wesar_composer.tools.experiments.study import best_lrs
-
-        if not best_lrs(read_results(Path(args.out) / RESULTS_CSV)):
-            print(
-                f"wesar-experiments: error: --groups refine needs the study's results in {Path(args.out) / RESULTS_CSV}; "
-                'run --groups study into the same --out first.',
-                file=sys.stderr,
-            )
-            return 2
-
     if args.render:
         out_dir = Path(args.render)
         rows = read_results(out_dir / RESULTS_CSV)
@@ -100,6 +89,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             scale = replace(scale, **changes)
         out_dir = Path(args.out)
+        if 'refine' in args.groups:  # refused before any work
+            try:
+                refine_centres(out_dir / RESULTS_CSV, scale)
+            except ValueError as e:
+                print(f'wesar-experiments: error: {e}', file=sys.stderr)
+                return 2
         start = time.perf_counter()
         rows = run_grid(
             out_dir,

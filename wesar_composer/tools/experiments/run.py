@@ -199,6 +199,22 @@ def run_one(
     return asdict(row)
 
 
+def refine_centres(results_path: Path, scale: Scale) -> dict[tuple[str, str], float]:
+    """The study's best learning rate of each (shape, arm) that the refinement runs around; a
+    ValueError unless every planned study run is in ``results_path`` (bests of a cut study move)."""
+    from wesar_composer.tools.experiments.study import best_lrs
+
+    rows = read_results(results_path)
+    done = {r['run_name'] for r in rows}
+    missing = [s.name for s in plan(scale, ['study']) if s.name not in done]
+    if missing:
+        raise ValueError(
+            f'--groups refine needs the whole study in {results_path}: {len(missing)} of its planned runs are '
+            f'missing (e.g. {missing[0]}); run --groups study into the same --out first'
+        )
+    return best_lrs(rows)
+
+
 def run_grid(
     out_dir: Path,
     scale: Scale,
@@ -217,16 +233,7 @@ def run_grid(
     from wesar_composer.tools.data import build_dataset, default_output_dir
 
     results_path = out_dir / RESULTS_CSV
-    study_best = None
-    if 'refine' in groups:  # refined around the study's results: checked before any work
-        from wesar_composer.tools.experiments.study import best_lrs
-
-        study_best = best_lrs(read_results(results_path))
-        if not study_best:
-            raise ValueError(
-                f"group 'refine' needs the study's results in {results_path}: "
-                'run --groups study first, into the same --out'
-            )
+    study_best = refine_centres(results_path, scale) if 'refine' in groups else None  # before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     data = build_dataset(
         data_root or default_output_dir(scale.vocab_size, scale.seq_len, scale.max_chars),

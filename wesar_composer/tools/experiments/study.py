@@ -4,7 +4,8 @@ From ``results.csv`` rows of group ``study``: per shape and arm the best learnin
 validation loss, the LR sensitivity of Wortsman et al. (2023), the basin width, spikes, the d/u
 gap and the largest attention logit; the differences against Small init with their standard
 errors; the decision rule of ``docs/reproduction.md`` applied to them; and the picture of loss
-against lr / sigma.
+against lr / sigma. With rows of group ``refine`` (``--groups refine``): each compared arm near
+its optimum, with the seed noise there, and rules 1(a), 2 and 3 applied again to those.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from wesar_composer.tools.experiments.grid import FULL, METHODS, REFINE_ARMS, SHAPES, study_sigma_squared
+from wesar_composer.tools.experiments.grid import FULL, METHODS, REFINE_ARMS, SHAPES, refine_lrs, study_sigma_squared
 from wesar_composer.tools.experiments.tables import _stats
 
-__all__ = ['ArmSummary', 'summarize', 'best_lrs', 'refine', 'render_study_tables', 'plot_study']
+__all__ = ['ArmSummary', 'summarize', 'best_lrs', 'summarize_refined', 'render_study_tables', 'plot_study']
 
 SMALL = 'small_rapid'
 ARM_ORDER = ('small_rapid', 'small_qkln', 'small_od_lr', 'wesar_width', 'matrix_lr', 'wesar')
 DEPTHS = ('d64-L2', 'base', 'd64-L8')  # d 64, N = 2, 4, 8
+SHAPE_ORDER = (*DEPTHS, 'd128-L4')  # of the refinement's tables and lines
 BASIN_NATS = 0.1  # a learning rate is in the basin if its mean loss is within this of the arm's best
 LITERAL_SIGMA_SQUARED = 4e-5
 OD_VERDICT = "The depth effect is the residual writers' learning rate."
@@ -304,21 +306,29 @@ class Refined:
     se: float  # of the best point's mean, from the seed variance pooled over the shape's near-optimum points
 
 
-def refine(rows: list[dict]) -> dict[tuple[str, str], Refined]:
+def _in_shape_order(shapes) -> list[str]:
+    return sorted(shapes, key=lambda s: (SHAPE_ORDER.index(s) if s in SHAPE_ORDER else len(SHAPE_ORDER), s))
+
+
+def summarize_refined(rows: list[dict]) -> dict[tuple[str, str], Refined]:
     """Each refined arm's best over its near-optimum points (the study's best lr and the refinement's
-    lrs), with the seed variance pooled over those points of the shape: the noise near the optimum,
-    not that of the unstable learning rates past it."""
+    lrs beside it), with the seed variance pooled over those points of the shape: the noise near the
+    optimum, not that of the unstable learning rates past it. Refinement runs at other learning
+    rates (around an earlier best) are left out; an arm whose every near-optimum run diverged is too."""
     summary = summarize(rows)
     near: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         key = (r['shape'], r['method'])
-        if key not in summary:
+        if key not in summary or r['method'] not in REFINE_ARMS or not math.isfinite(summary[key].best_lr):
             continue
-        if r['group'] == 'refine' or (r['group'] == 'study' and r['lr'] == summary[key].best_lr):
+        best_lr = summary[key].best_lr
+        if (r['group'] == 'refine' and r['lr'] in refine_lrs(r['method'], best_lr)) or (
+            r['group'] == 'study' and r['lr'] == best_lr
+        ):
             near.setdefault(key, []).append(r)
     refined = {k: v for k, v in near.items() if any(r['group'] == 'refine' for r in v)}
     out = {}
-    for shape in sorted({k[0] for k in refined}):
+    for shape in _in_shape_order({k[0] for k in refined}):
         pooled = _pooled([r for k, v in refined.items() if k[0] == shape for r in v])
         for method in REFINE_ARMS:
             sel = refined.get((shape, method))
@@ -327,11 +337,12 @@ def refine(rows: list[dict]) -> dict[tuple[str, str], Refined]:
             lrs = sorted({r['lr'] for r in sel})
             runs = {lr: [r['val_loss'] for r in sel if r['lr'] == lr and not r['diverged']] for lr in lrs}
             means = [statistics.fmean(_finite(v)) if _finite(v) else float('nan') for v in runs.values()]
-            best, best_lr = min((m, lr) for m, lr in zip(means, lrs) if math.isfinite(m))
+            finite = [(m, lr) for m, lr in zip(means, lrs) if math.isfinite(m)]
+            if not finite:
+                continue
+            best, best_lr = min(finite)
             seeds = len(_finite(runs[best_lr]))
-            out[(shape, method)] = Refined(
-                shape, method, lrs, means, best_lr, best, math.sqrt(pooled / seeds) if seeds else float('nan')
-            )
+            out[(shape, method)] = Refined(shape, method, lrs, means, best_lr, best, math.sqrt(pooled / seeds))
     return out
 
 
@@ -360,8 +371,10 @@ def table_refined(refined: dict[tuple[str, str], Refined]) -> str:
 def refined_decisions(refined: dict[tuple[str, str], Refined]) -> list[str]:
     """Rules 1(a), 2 and 3 of the decision rule on the refined bests and near-optimum SEs."""
     depths = [d for d in DEPTHS if (d, SMALL) in refined and (d, 'wesar_width') in refined]
-    if len(depths) < 3 or not all(math.isfinite(refined[(d, SMALL)].se) for d in depths):
-        return [f'Refined at {len(depths)} of the 3 depths with a seed variance: the rules cannot be applied.']
+    if len(depths) < 3:
+        return [f'Small init and WeSaR refined at {len(depths)} of the 3 depths: the rules cannot be applied.']
+    if not all(math.isfinite(refined[(d, SMALL)].se) for d in depths):
+        return ['No seed variance near the optimum (one seed): the rules cannot be applied.']
     vs_small = {d: _refined_difference(refined, d, 'wesar_width', SMALL) for d in depths}
     wins = [d for d, x in vs_small.items() if x and x.z < -2]
     gap = {d: -x.delta for d, x in vs_small.items() if x}
@@ -372,22 +385,27 @@ def refined_decisions(refined: dict[tuple[str, str], Refined]) -> list[str]:
         + f'; beats it by more than 2 SE at {len(wins)} of 3 depths, gap {"growing" if growing else "not growing"} '
         f'with N. **{"WeSaR reaches a lower loss." if len(wins) >= 2 and growing else "WeSaR does not reach a lower loss."}**'
     ]
-    shapes = sorted({s for s, m in refined if m == 'wesar_width' and (s, 'matrix_lr') in refined})
+    shapes = _in_shape_order({s for s, m in refined if m == 'wesar_width'})
     twin = {s: _refined_difference(refined, s, 'wesar_width', 'matrix_lr') for s in shapes}
-    if not shapes or any(d is None or not math.isfinite(d.z) for d in twin.values()):
-        verdict = 'Cannot be decided.'
+    missing = [s for s, d in twin.items() if d is None or not math.isfinite(d.z)]
+    if missing:
+        verdict = (
+            f'Cannot be decided: no refined per-matrix-lr arm or SE at {", ".join(_shape_label(s) for s in missing)}.'
+        )
     elif all(d is not None and abs(d.z) <= 2 for d in twin.values()):
         verdict = 'The gates add nothing beyond the learning rates.'
     else:
         verdict = 'The gates differ from the learning rates.'
     lines.append(
-        '2. WeSaR - per-matrix lr: ' + ', '.join(f'{_shape_label(s)} {d}' for s, d in twin.items()) + f'. **{verdict}**'
+        '2. WeSaR - per-matrix lr: '
+        + ', '.join(f'{_shape_label(s)} {d if d else "not refined"}' for s, d in twin.items())
+        + f'. **{verdict}**'
     )
     od = {d: _refined_difference(refined, d, 'small_od_lr', SMALL) for d in depths}
     od_wins = [d for d, x in od.items() if x and x.z < -2]
     lines.append(
         '3. W_o / W_d lr / sqrt(2N) - Small init: '
-        + ', '.join(f'{_shape_label(d)} {x}' for d, x in od.items())
+        + ', '.join(f'{_shape_label(d)} {x if x else "not refined"}' for d, x in od.items())
         + f'; more than 2 SE lower at {len(od_wins)} of 3 depths. **{OD_VERDICT if len(od_wins) >= 2 else "Not shown."}**'
     )
     return lines
@@ -403,7 +421,7 @@ def render_study_tables(rows: list[dict]) -> dict[str, str]:
         'study-vs-small': table_vs_small(summary),
         'study-decision': '\n'.join(decisions(summary)),
     }
-    refined = refine(rows)
+    refined = summarize_refined(rows)
     if refined:
         tables['study-refined'] = table_refined(refined)
         tables['study-refined-decision'] = '\n'.join(refined_decisions(refined))
