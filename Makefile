@@ -23,9 +23,12 @@ format: $(INSTALLED)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Two pytest-xdist workers, each test file on one of them (its module fixtures built once).
+PYTEST := $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
+
 test: lint
-	$(VENV)/bin/python -m pytest -q tests
+	$(PYTEST) tests
 
 # The fast loop: everything but the integration runs (llm-foundry train path, several processes).
 test-fast: $(INSTALLED)
-	$(VENV)/bin/python -m pytest -q -m 'not slow' tests
+	$(PYTEST) -m 'not slow' tests

@@ -16,6 +16,7 @@ with ``llmfoundry.command_utils.train`` or ``train_from_yaml``::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,3 +71,21 @@ def tiny_train_yaml(tiny_mds: DatasetPaths, tmp_path: Path) -> Callable[..., Pat
         return write_train_yaml(tiny_train_config(tiny_mds, **kwargs), tmp_path / f'tiny-{count[0]}.yaml')
 
     return make
+
+
+def _one_process_per_core_under_xdist() -> None:
+    """Under ``pytest -n 2`` (two workers on two cores): one torch thread per worker, and the
+    in-process streaming datasets of worker gwK take shared-memory numbers from 100000 x (K + 1)
+    (``tests/common/streaming_names.py``)."""
+    worker = os.environ.get('PYTEST_XDIST_WORKER')
+    if not worker:
+        return
+    import torch
+
+    from tests.common.streaming_names import count_names_from
+
+    torch.set_num_threads(1)
+    count_names_from(100_000 * (1 + int(worker.removeprefix('gw'))))
+
+
+_one_process_per_core_under_xdist()

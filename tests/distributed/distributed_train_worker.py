@@ -60,4 +60,8 @@ def main(yaml_path: str, out_dir: str) -> None:
 
 
 if __name__ == '__main__':
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from tests.common.streaming_names import count_names_from_env
+
+    count_names_from_env()
     main(sys.argv[1], sys.argv[2])

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.common import streaming_names
 from tests.common.launch import composer_launch
 
 pytestmark = pytest.mark.slow
@@ -29,7 +30,7 @@ FSDP = {'mixed_precision': 'FULL', 'state_dict_type': 'sharded'}
 
 def run(yaml_path: Path, out: Path, world: int, expect_ok: bool = True) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
-    env = {'FSDP_VERSION': '2', 'COMPOSER_DEVICE': 'cpu'}
+    env = {'FSDP_VERSION': '2', 'COMPOSER_DEVICE': 'cpu', streaming_names.ENV: str(streaming_names.LAUNCHES_FROM)}
     return composer_launch(WORKER, yaml_path, out, world=world, env=env, cwd=out, check=expect_ok)
 
 
