@@ -224,6 +224,16 @@ def table_vs_small(summary) -> str:
     return '\n'.join(lines)
 
 
+def _gates_verdict(diffs: dict[str, Optional[Difference]], missing_what: str) -> str:
+    """Rule 2 on WeSaR - per-matrix lr at each shape: within 2 SE everywhere, or not, or undecidable."""
+    missing = [s for s, d in diffs.items() if d is None or not math.isfinite(d.z)]
+    if missing or not diffs:
+        return f'Cannot be decided: {missing_what} {", ".join(_shape_label(s) for s in missing) or "any shape"}.'
+    if all(d is not None and abs(d.z) <= 2 for d in diffs.values()):
+        return 'The gates add nothing beyond the learning rates.'
+    return 'The gates differ from the learning rates.'
+
+
 def decisions(summary) -> list[str]:
     """The decision rule of docs/reproduction.md, applied; one line per rule."""
     depths = [d for d in DEPTHS if (d, SMALL) in summary and (d, 'wesar_width') in summary]
@@ -250,13 +260,7 @@ def decisions(summary) -> list[str]:
     )
     shapes = sorted({s for s, m in summary if m == 'wesar_width' and (s, 'matrix_lr') in summary})
     diffs = {s: difference(summary, s, 'wesar_width', 'matrix_lr') for s in shapes}
-    undecided = [s for s, d in diffs.items() if d is None or not math.isfinite(d.z)]
-    if undecided or not shapes:
-        verdict = f'Cannot be decided: no SE at {", ".join(_shape_label(s) for s in undecided) or "any shape"}.'
-    elif all(d is not None and abs(d.z) <= 2 for d in diffs.values()):
-        verdict = 'The gates add nothing beyond the learning rates.'
-    else:
-        verdict = 'The gates differ from the learning rates.'
+    verdict = _gates_verdict(diffs, 'no SE at')
     lines.append(
         '2. WeSaR - per-matrix lr at each shape: '
         + ', '.join(f'{_shape_label(s)} {d}' for s, d in diffs.items())
@@ -346,13 +350,6 @@ def summarize_refined(rows: list[dict]) -> dict[tuple[str, str], Refined]:
     return out
 
 
-def _refined_difference(refined, shape: str, method: str, reference: str) -> Optional[Difference]:
-    a, b = refined.get((shape, method)), refined.get((shape, reference))
-    if a is None or b is None:
-        return None
-    return Difference(a.best - b.best, math.sqrt(a.se**2 + b.se**2))
-
-
 def table_refined(refined: dict[tuple[str, str], Refined]) -> str:
     lines = [
         '| shape | arm | mean loss at each lr near the optimum | best lr | best (± SE) | Δ vs Small init |',
@@ -360,7 +357,7 @@ def table_refined(refined: dict[tuple[str, str], Refined]) -> str:
     ]
     for (shape, method), r in refined.items():
         points = ', '.join(f'{lr:g}: {m:.3f}' for lr, m in zip(r.lrs, r.means))
-        diff = _refined_difference(refined, shape, method, SMALL) if method != SMALL else None
+        diff = difference(refined, shape, method, SMALL) if method != SMALL else None
         lines.append(
             f'| {_shape_label(shape)} | {METHODS[method][0]} | {points} | {r.best_lr:g} | {r.best:.3f} ± {r.se:.3f} '
             f'| {diff if diff else ""} |'
@@ -375,7 +372,7 @@ def refined_decisions(refined: dict[tuple[str, str], Refined]) -> list[str]:
         return [f'Small init and WeSaR refined at {len(depths)} of the 3 depths: the rules cannot be applied.']
     if not all(math.isfinite(refined[(d, SMALL)].se) for d in depths):
         return ['No seed variance near the optimum (one seed): the rules cannot be applied.']
-    vs_small = {d: _refined_difference(refined, d, 'wesar_width', SMALL) for d in depths}
+    vs_small = {d: difference(refined, d, 'wesar_width', SMALL) for d in depths}
     wins = [d for d, x in vs_small.items() if x and x.z < -2]
     gap = {d: -x.delta for d, x in vs_small.items() if x}
     growing = gap['d64-L8'] > gap['d64-L2']
@@ -386,22 +383,14 @@ def refined_decisions(refined: dict[tuple[str, str], Refined]) -> list[str]:
         f'with N. **{"WeSaR reaches a lower loss." if len(wins) >= 2 and growing else "WeSaR does not reach a lower loss."}**'
     ]
     shapes = _in_shape_order({s for s, m in refined if m == 'wesar_width'})
-    twin = {s: _refined_difference(refined, s, 'wesar_width', 'matrix_lr') for s in shapes}
-    missing = [s for s, d in twin.items() if d is None or not math.isfinite(d.z)]
-    if missing:
-        verdict = (
-            f'Cannot be decided: no refined per-matrix-lr arm or SE at {", ".join(_shape_label(s) for s in missing)}.'
-        )
-    elif all(d is not None and abs(d.z) <= 2 for d in twin.values()):
-        verdict = 'The gates add nothing beyond the learning rates.'
-    else:
-        verdict = 'The gates differ from the learning rates.'
+    twin = {s: difference(refined, s, 'wesar_width', 'matrix_lr') for s in shapes}
+    verdict = _gates_verdict(twin, 'no refined per-matrix-lr arm or SE at')
     lines.append(
         '2. WeSaR - per-matrix lr: '
         + ', '.join(f'{_shape_label(s)} {d if d else "not refined"}' for s, d in twin.items())
         + f'. **{verdict}**'
     )
-    od = {d: _refined_difference(refined, d, 'small_od_lr', SMALL) for d in depths}
+    od = {d: difference(refined, d, 'small_od_lr', SMALL) for d in depths}
     od_wins = [d for d, x in od.items() if x and x.z < -2]
     lines.append(
         '3. W_o / W_d lr / sqrt(2N) - Small init: '
