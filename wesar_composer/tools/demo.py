@@ -409,8 +409,10 @@ def write_report(
         '- one learning rate for both: with Adam each matrix moves by about lr / (its std) per step, and '
         "WeSaR's actual weights are several times smaller than Small init's here, so this table compares "
         "step sizes as much as methods. At each method's own best learning rate (docs/reproduction.md in "
-        'the wesar-composer repository) WeSaR and Small init reached the same loss; see '
-        'docs/choosing-sigma-and-lr.md for setting sigma and the learning rate.',
+        'the wesar-composer repository) WeSaR and Small init reached the same loss, a model without gates but '
+        "with WeSaR's per-matrix learning rates did as well, and Small init with only W_o and W_d at "
+        'lr / sqrt(2N) did better, by more with depth; see docs/choosing-sigma-and-lr.md for setting sigma and '
+        'the learning rate.',
         '',
     ]
     for picture in pictures:
