@@ -21,6 +21,7 @@ from wesar_composer.roles import merged_role_map
 __all__ = [
     'CheckedHparams',
     'check_positive',
+    'check_positive_int',
     'check_non_negative',
     'check_bool',
     'check_choice',
@@ -54,6 +55,13 @@ def check_positive(name: str, value: Any) -> float:
     if not _is_number(value) or value <= 0:
         raise ValueError(f'{name} must be a positive finite number, got {value!r}.')
     return float(value)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """An integer >= 1 (bools, floats and strings refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+    return value
 
 
 def check_non_negative(name: str, value: Any) -> float:

@@ -21,6 +21,7 @@ from wesar_composer.reparam.checks import (
     check_non_negative,
     check_optimizers,
     check_positive,
+    check_positive_int,
     check_role_map,
 )
 from wesar_composer.reparam.surgery import add_param_group, adopt, discover, install
@@ -47,14 +48,8 @@ def check_hparams(
 ) -> float:
     """Validate the hyperparameters and return sigma (at the reference width, if one is given)."""
     check_positive('sigma_squared', sigma_squared)
-    if sigma_reference_width is not None and (
-        isinstance(sigma_reference_width, bool)
-        or not isinstance(sigma_reference_width, int)
-        or sigma_reference_width < 1
-    ):
-        raise ValueError(
-            f'sigma_reference_width must be a positive integer (a d_model) or None, got {sigma_reference_width!r}.'
-        )
+    if sigma_reference_width is not None:
+        check_positive_int('sigma_reference_width', sigma_reference_width)
     check_choice('backbone', backbone, BACKBONES)
     check_bool('trainable_gates', trainable_gates)
     check_non_negative('gate_weight_decay', gate_weight_decay)
