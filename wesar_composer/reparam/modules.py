@@ -129,14 +129,15 @@ class ScaledLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, scales = ctx.saved_tensors[:3]
+        saved = ctx.saved_tensors  # x, W, s (and the scaled low-precision W under autocast)
+        x, weight, scales = saved[:3]
         sizes = ctx.slice_sizes
         need_x, need_w, need_s, need_b = ctx.needs_input_grad[:4]
         compute_dtype = grad_out.dtype
         flat_out = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_w = grad_s = grad_b = None
         if need_x and ctx.scaled_weight:
-            grad_x = grad_out @ ctx.saved_tensors[3].to(compute_dtype)
+            grad_x = grad_out @ saved[3].to(compute_dtype)
         elif need_x:
             tokens, (d_out, d_in) = flat_out.shape[0], weight.shape
             one = len(sizes) == 1
