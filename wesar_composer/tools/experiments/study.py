@@ -224,14 +224,27 @@ def table_vs_small(summary) -> str:
     return '\n'.join(lines)
 
 
-def _gates_verdict(diffs: dict[str, Optional[Difference]], missing_what: str) -> str:
-    """Rule 2 on WeSaR - per-matrix lr at each shape: within 2 SE everywhere, or not, or undecidable."""
+def _against_small(summary, depths, method: str) -> tuple[dict[str, Optional[Difference]], list[str]]:
+    """``method`` - Small init at each depth, and the depths where it is more than 2 SE lower."""
+    diffs = {d: difference(summary, d, method, SMALL) for d in depths}
+    return diffs, [d for d, x in diffs.items() if x and x.z < -2]
+
+
+def _gates_line(title: str, summary, shapes, missing_what: str) -> str:
+    """Rule 2: WeSaR - per-matrix lr at each of ``shapes`` within 2 SE everywhere, or not, or undecidable."""
+    diffs = {s: difference(summary, s, 'wesar_width', 'matrix_lr') for s in shapes}
     missing = [s for s, d in diffs.items() if d is None or not math.isfinite(d.z)]
     if missing or not diffs:
-        return f'Cannot be decided: {missing_what} {", ".join(_shape_label(s) for s in missing) or "any shape"}.'
-    if all(d is not None and abs(d.z) <= 2 for d in diffs.values()):
-        return 'The gates add nothing beyond the learning rates.'
-    return 'The gates differ from the learning rates.'
+        verdict = f'Cannot be decided: {missing_what} {", ".join(_shape_label(s) for s in missing) or "any shape"}.'
+    elif all(d is not None and abs(d.z) <= 2 for d in diffs.values()):
+        verdict = 'The gates add nothing beyond the learning rates.'
+    else:
+        verdict = 'The gates differ from the learning rates.'
+    return (
+        f'{title}: '
+        + ', '.join(f'{_shape_label(s)} {d if d else "not refined"}' for s, d in diffs.items())
+        + (f'. **{verdict}**')
+    )
 
 
 def decisions(summary) -> list[str]:
@@ -247,8 +260,8 @@ def decisions(summary) -> list[str]:
             f'No seed variance at {", ".join(_shape_label(d) for d in no_se)} yet: the rule cannot be applied.'
         )
         return lines
-    wins = [d for d in depths if (x := difference(summary, d, 'wesar_width', SMALL)) and x.z < -2]
-    gap = {d: -difference(summary, d, 'wesar_width', SMALL).delta for d in depths}  # type: ignore[union-attr]
+    vs_small, wins = _against_small(summary, depths, 'wesar_width')
+    gap = {d: -x.delta for d, x in vs_small.items() if x}
     growing = gap['d64-L8'] > gap['d64-L2']
     wider = [d for d in depths if summary[(d, 'wesar_width')].basin >= summary[(d, SMALL)].basin + 1]
     helps = (len(wins) >= 2 and growing) or len(wider) >= 2
@@ -259,14 +272,8 @@ def decisions(summary) -> list[str]:
         f'**{"WeSaR helps." if helps else "No evidence that WeSaR helps at this scale."}**'
     )
     shapes = sorted({s for s, m in summary if m == 'wesar_width' and (s, 'matrix_lr') in summary})
-    diffs = {s: difference(summary, s, 'wesar_width', 'matrix_lr') for s in shapes}
-    verdict = _gates_verdict(diffs, 'no SE at')
-    lines.append(
-        '2. WeSaR - per-matrix lr at each shape: '
-        + ', '.join(f'{_shape_label(s)} {d}' for s, d in diffs.items())
-        + f'. **{verdict}**'
-    )
-    od = [d for d in depths if (x := difference(summary, d, 'small_od_lr', SMALL)) and x.z < -2]
+    lines.append(_gates_line('2. WeSaR - per-matrix lr at each shape', summary, shapes, 'no SE at'))
+    _, od = _against_small(summary, depths, 'small_od_lr')
     lines.append(
         f'3. Small init with W_o / W_d at lr / sqrt(2N) beats Small init by more than 2 SE at {len(od)} of 3 depths '
         f'({", ".join(od) or "none"}). '
@@ -314,12 +321,15 @@ def _in_shape_order(shapes) -> list[str]:
     return sorted(shapes, key=lambda s: (SHAPE_ORDER.index(s) if s in SHAPE_ORDER else len(SHAPE_ORDER), s))
 
 
-def summarize_refined(rows: list[dict]) -> dict[tuple[str, str], Refined]:
+def summarize_refined(
+    rows: list[dict], summary: Optional[dict[tuple[str, str], ArmSummary]] = None
+) -> dict[tuple[str, str], Refined]:
     """Each refined arm's best over its near-optimum points (the study's best lr and the refinement's
     lrs beside it), with the seed variance pooled over those points of the shape: the noise near the
     optimum, not that of the unstable learning rates past it. Refinement runs at other learning
-    rates (around an earlier best) are left out; an arm whose every near-optimum run diverged is too."""
-    summary = summarize(rows)
+    rates (around an earlier best) are left out; an arm whose every near-optimum run diverged is too.
+    ``summary``: ``summarize(rows)``, if already at hand."""
+    summary = summary if summary is not None else summarize(rows)
     near: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         key = (r['shape'], r['method'])
@@ -372,8 +382,7 @@ def refined_decisions(refined: dict[tuple[str, str], Refined]) -> list[str]:
         return [f'Small init and WeSaR refined at {len(depths)} of the 3 depths: the rules cannot be applied.']
     if not all(math.isfinite(refined[(d, SMALL)].se) for d in depths):
         return ['No seed variance near the optimum (one seed): the rules cannot be applied.']
-    vs_small = {d: difference(refined, d, 'wesar_width', SMALL) for d in depths}
-    wins = [d for d, x in vs_small.items() if x and x.z < -2]
+    vs_small, wins = _against_small(refined, depths, 'wesar_width')
     gap = {d: -x.delta for d, x in vs_small.items() if x}
     growing = gap['d64-L8'] > gap['d64-L2']
     lines = [
@@ -383,15 +392,8 @@ def refined_decisions(refined: dict[tuple[str, str], Refined]) -> list[str]:
         f'with N. **{"WeSaR reaches a lower loss." if len(wins) >= 2 and growing else "WeSaR does not reach a lower loss."}**'
     ]
     shapes = _in_shape_order({s for s, m in refined if m == 'wesar_width'})
-    twin = {s: difference(refined, s, 'wesar_width', 'matrix_lr') for s in shapes}
-    verdict = _gates_verdict(twin, 'no refined per-matrix-lr arm or SE at')
-    lines.append(
-        '2. WeSaR - per-matrix lr: '
-        + ', '.join(f'{_shape_label(s)} {d if d else "not refined"}' for s, d in twin.items())
-        + f'. **{verdict}**'
-    )
-    od = {d: difference(refined, d, 'small_od_lr', SMALL) for d in depths}
-    od_wins = [d for d, x in od.items() if x and x.z < -2]
+    lines.append(_gates_line('2. WeSaR - per-matrix lr', refined, shapes, 'no refined per-matrix-lr arm or SE at'))
+    od, od_wins = _against_small(refined, depths, 'small_od_lr')
     lines.append(
         '3. W_o / W_d lr / sqrt(2N) - Small init: '
         + ', '.join(f'{_shape_label(d)} {x if x else "not refined"}' for d, x in od.items())
@@ -410,7 +412,7 @@ def render_study_tables(rows: list[dict]) -> dict[str, str]:
         'study-vs-small': table_vs_small(summary),
         'study-decision': '\n'.join(decisions(summary)),
     }
-    refined = summarize_refined(rows)
+    refined = summarize_refined(rows, summary)
     if refined:
         tables['study-refined'] = table_refined(refined)
         tables['study-refined-decision'] = '\n'.join(refined_decisions(refined))
