@@ -154,35 +154,7 @@ def test_quick_grid_writes_results_figures_and_page(tiny_mds, tmp_path, capsys):
 def test_a_missing_page_is_refused_before_any_figure(tmp_path, capsys):
     results = tmp_path / 'results'
     results.mkdir()
-    tables._append_row(
-        results / ex.RESULTS_CSV,
-        dict(
-            group='main',
-            method='wesar',
-            label='WeSaR',
-            shape='base',
-            d_model=64,
-            n_layers=4,
-            seed=0,
-            setting='rapid',
-            lr=1e-3,
-            batch=16,
-            steps=120,
-            warmup=2,
-            tokens=120 * 16 * 64,
-            n_params=1000,
-            val_loss=4.5,
-            val_ppl=math.exp(4.5),
-            final_train_loss=4.5,
-            spikes=0,
-            diverged=0,
-            d_over_u_last=1.0,
-            wall_s=100.0,
-            batch_s=0.5,
-            run_name='main-base-wesar-s0',
-            run_id='',
-        ),
-    )
+    tables._append_row(results / ex.RESULTS_CSV, results_row('wesar', 0, 4.5))
     missing = tmp_path / 'missing.md'
     assert ex.main(['--render', str(results), '--page', str(missing)]) == 2
     err = capsys.readouterr().err
