@@ -89,9 +89,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             scale = replace(scale, **changes)
         out_dir = Path(args.out)
+        study_best = None
         if 'refine' in args.groups:  # refused before any work
             try:
-                refine_centres(out_dir / RESULTS_CSV, scale)
+                study_best = refine_centres(out_dir / RESULTS_CSV, scale)
             except ValueError as e:
                 print(f'wesar-experiments: error: {e}', file=sys.stderr)
                 return 2
@@ -105,6 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.data_dir,
             args.deadline_min * 60 if args.deadline_min else None,
             demo_yaml=args.yaml,
+            study_best=study_best,
         )
         _say(f'grid done in {(time.perf_counter() - start) / 60:.1f} min, {len(rows)} runs in {out_dir / RESULTS_CSV}')
     if not args.no_figures:

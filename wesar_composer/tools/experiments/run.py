@@ -224,16 +224,19 @@ def run_grid(
     data_root: Optional[str] = None,
     deadline_s: Optional[float] = None,
     demo_yaml: Optional[str] = None,
+    study_best: Optional[dict[tuple[str, str], float]] = None,
 ) -> list[dict]:
     """Run every planned run not yet in ``results.csv``; ``jobs`` processes of one torch thread each.
 
     ``deadline_s``: no run starts after this many seconds (the ones left are reported as cut).
     ``demo_yaml``: the base YAML of every run (default: the packaged demo YAML).
+    ``study_best``: for group ``refine``, ``refine_centres`` of this folder if already at hand.
     """
     from wesar_composer.tools.data import build_dataset, default_output_dir
 
     results_path = out_dir / RESULTS_CSV
-    study_best = refine_centres(results_path, scale) if 'refine' in groups else None  # before any work
+    if 'refine' in groups and study_best is None:  # before any work
+        study_best = refine_centres(results_path, scale)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = build_dataset(
         data_root or default_output_dir(scale.vocab_size, scale.seq_len, scale.max_chars),
