@@ -192,8 +192,6 @@ def paths(out: Path, data: Path, budget: Budget, rows: list, selected) -> None:
     losses_of = {}
     for i, (name, label, extra, env, method) in enumerate(cases):
         if name == 'resumed':
-            found = sorted(p.name for p in (sharded / 'ckpt').glob('*')) if (sharded / 'ckpt').is_dir() else []
-            print(f'checkpoints written: {found}', flush=True)
             extra = [*extra, f'load_path={_checkpoint(sharded / "ckpt")}']
         timeout = budget.left() / (len(cases) - i + 0.5)
         result, seconds, losses, log = train(name, out, data, extra, timeout, env, method)
@@ -205,9 +203,9 @@ def paths(out: Path, data: Path, budget: Budget, rows: list, selected) -> None:
         first = f'{losses[min(losses)]:.3f}' if losses else ''
         last = f'{losses[max(losses)]:.3f} @ {max(losses)}' if losses else ''
         rows.append((label, result, f'{seconds:.0f}', f'{first} -> {last}', note))
-    exports = sorted((sharded / 'hf').glob('huggingface/ba*'))
     if 'export' not in selected:
         return
+    exports = sorted((sharded / 'hf').glob('huggingface/ba*'))
     if exports:
         code = (
             'import torch; from transformers import AutoModelForCausalLM; '
