@@ -15,7 +15,12 @@ recipes' method parts (package data ``wesar_composer/tools/yamls/method/*.yaml``
 - ``study`` (not in the default groups): each arm at its own best learning rate, over three
   depths and two widths: Small init, WeSaR with width-scaled sigma, the literal sigma^2 = 4e-5,
   per-matrix learning rates without gates, Small init with W_o / W_d at lr / sqrt(2N), and
-  qk-LayerNorm as a positive control (``docs/reproduction.md`` states its decision rule).
+  qk-LayerNorm as a positive control (``docs/reproduction.md`` states its decision rule);
+- ``ablation`` (not in the default groups): seven arms on one grid of lr / sigma at d 64 with
+  N = 4, 8, 16 (Small init, WeSaR, WeSaR with fixed gates, the gate-free twin, the twin with a
+  matched clipping threshold, Small init with W_o / W_d at lr / sqrt(2N), WeSaR on the Small
+  backbone), three seeds near each optimum, analysed by paired differences and an equivalence test
+  (``--dry-run`` lists its runs and their expected time).
 
 Runs of Small init and WeSaR with the first seed log ``update_ratio_monitor`` to a local MLflow
 store; ``wesar-plot``'s functions draw Figure 1 / 3 and the heatmap from it. Every finished run
@@ -28,8 +33,10 @@ refreshed.
     wesar-experiments --render docs/reproduction --page docs/reproduction.md   # figures and page tables only
 
 Modules: :mod:`~.grid` (the grid of runs and their configs), :mod:`~.run` (running them, the
-process pool), :mod:`~.tables` (``results.csv`` and the page's generated tables), :mod:`~.study` (the study's
-measures and decision rule), :mod:`~.figures` (figures), :mod:`~.cli` (the console entry).
+process pool), :mod:`~.tables` (``results.csv`` and the earlier groups' tables), :mod:`~.measures`
+(paired differences, equivalence test, basins), :mod:`~.study` (the study's measures and decision
+rule), :mod:`~.ablation` (the ablation's), :mod:`~.page` (every table, the page refreshed),
+:mod:`~.figures` (figures), :mod:`~.cli` (the console entry).
 """
 
 from wesar_composer.tools.experiments.cli import main
@@ -53,16 +60,10 @@ from wesar_composer.tools.experiments.grid import (
     plan,
     run_settings,
 )
+from wesar_composer.tools.experiments.page import render_page, render_tables
 from wesar_composer.tools.experiments.run import diverged, max_attention_logit, run_grid, run_one
-from wesar_composer.tools.experiments.study import decisions, plot_study, summarize
-from wesar_composer.tools.experiments.tables import (
-    RESULTS_CSV,
-    Row,
-    read_results,
-    render_page,
-    render_tables,
-    table_norms,
-)
+from wesar_composer.tools.experiments.study import decisions, paired_twin, plot_study, summarize
+from wesar_composer.tools.experiments.tables import RESULTS_CSV, Row, read_results, table_norms
 
 __all__ = [
     'METHODS',
@@ -95,6 +96,7 @@ __all__ = [
     'max_attention_logit',
     'summarize',
     'decisions',
+    'paired_twin',
     'plot_study',
     'main',
 ]

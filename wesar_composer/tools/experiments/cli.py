@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Optional
 
 from wesar_composer.tools.experiments.figures import plot_figures
-from wesar_composer.tools.experiments.grid import FULL, QUICK, QUICK_SHAPES, SHAPES, _say
+from wesar_composer.tools.experiments.grid import FULL, QUICK, QUICK_SHAPES, SHAPES, _say, estimate_seconds, plan
+from wesar_composer.tools.experiments.page import render_page, render_tables
 from wesar_composer.tools.experiments.run import refine_centres, run_grid
-from wesar_composer.tools.experiments.tables import RESULTS_CSV, read_results, render_page, render_tables
+from wesar_composer.tools.experiments.tables import RESULTS_CSV, read_results
 
 __all__ = ['main']
 
@@ -33,9 +34,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         '--groups',
         nargs='+',
         default=['main', 'reparam', 'lr'],
-        choices=['main', 'reparam', 'lr', 'study', 'refine'],
+        choices=['main', 'reparam', 'lr', 'study', 'refine', 'ablation'],
         help="refine: the study's arms of its rules 1 to 3 at learning rates between its best and the "
-        'neighbours; reads the study results in --out',
+        'neighbours; reads the study results in --out. ablation: seven arms on one lr / sigma grid at '
+        'd 64, N 4, 8, 16; a rerun adds the points its extension rule asks for',
+    )
+    parser.add_argument(
+        '--dry-run',
+        action='store_true',
+        help='list the runs still to make (those not in --out/results.csv) and their expected time; run nothing',
     )
     parser.add_argument('--jobs', type=int, default=1, help='runs at a time, one torch thread each when > 1')
     parser.add_argument('--steps', type=int, default=None, help='rapid steps (stable: a quarter)')
@@ -96,6 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except ValueError as e:
                 print(f'wesar-experiments: error: {e}', file=sys.stderr)
                 return 2
+        if args.dry_run:
+            return _dry_run(out_dir, scale, shapes, args.groups, args.jobs, study_best, args.deadline_min)
         start = time.perf_counter()
         rows = run_grid(
             out_dir,
@@ -118,6 +127,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tables = render_tables(rows)
     for name, table in tables.items():
         print(f'\n## {name}\n\n{table}')
+    return 0
+
+
+def _dry_run(out_dir: Path, scale, shapes, groups, jobs: int, study_best, deadline_min: Optional[float]) -> int:
+    """Print the runs still to make, in order, with the expected wall time of each (two at a time on a
+    quiet 2-core machine), the total, and which runs a deadline would leave unstarted."""
+    previous = read_results(out_dir / RESULTS_CSV)
+    done = {r['run_name'] for r in previous}
+    todo = [s for s in plan(scale, groups, study_best, shapes, ablation_rows=previous) if s.name not in done]
+    workers = [0.0] * max(jobs, 1)
+    cut = []
+    for spec in todo:
+        seconds = estimate_seconds(spec, scale, shapes)
+        i = min(range(len(workers)), key=workers.__getitem__)
+        if deadline_min is not None and workers[i] >= deadline_min * 60:
+            cut.append(spec)
+            continue
+        print(f'{spec.name}\t{seconds:.0f} s')
+        workers[i] += seconds
+    total = sum(estimate_seconds(s, scale, shapes) for s in todo)
+    print(
+        f'{len(todo)} runs to make ({len(done)} already in {out_dir / RESULTS_CSV}): {total / 60:.0f} min of runs, '
+        f'about {max(workers) / 60:.0f} min with --jobs {jobs} on a quiet machine (a loaded one: 2 to 3 times that)'
+    )
+    if cut:
+        print(
+            f'--deadline-min {deadline_min:g} would leave {len(cut)} runs unstarted: ' + ', '.join(s.name for s in cut)
+        )
     return 0
 
 

@@ -19,6 +19,17 @@ __all__ = [
     'STUDY_LRS',
     'REFINE_ARMS',
     'refine_lrs',
+    'ABLATION_ARMS',
+    'ABLATION_SHAPES',
+    'ABLATION_GRID',
+    'ABLATION_OPTIMUM',
+    'ABLATION_SEEDS',
+    'MATCHED_CLIPPING',
+    'ablation_lr',
+    'ablation_points',
+    'ablation_extension',
+    'arm_sigma',
+    'estimate_seconds',
     'study_sigma_squared',
     'SHAPES',
     'QUICK_SHAPES',
@@ -54,6 +65,10 @@ METHODS: dict[str, tuple[str, str, str]] = {
     'matrix_lr': ('He init, lr x s_r/sigma (no gates)', '', 'rapid'),
     'small_od_lr': ('Small init, W_o/W_d lr / sqrt(2N)', '', 'rapid'),
     'small_qkln': ('Small init + qk-LayerNorm', 'small_init', 'rapid'),
+    # the ablation (docs/reproduction.md): the gates, the clipping and the backbone separated
+    'wesar_width_fixed': ('WeSaR, sigma^2 = 0.081/d, fixed gates', '', 'rapid'),
+    'matrix_lr_clip': ('He init, lr x s_r/sigma (no gates), clipping x sigma/s_r', '', 'rapid'),
+    'wesar_width_small': ('WeSaR, sigma^2 = 0.081/d, Small backbone', '', 'rapid'),
 }
 MAIN_METHODS = ('small_rapid', 'small_stable', 'he', 'wesar', 'wesar_small', 'wesar_fixed')
 REPARAM_METHODS = ('weight_norm', 'sigma_reparam', 'residual_scaling_he', 'residual_scaling_small')
@@ -80,6 +95,62 @@ REFINE_ARMS = ('small_rapid', 'small_od_lr', 'wesar_width', 'matrix_lr')
 WIDTH_SIGMA_CONSTANT = 0.081  # sigma^2 = 0.081 / d: the paper's 4e-5 at d = 2048, sigma / s_small(d) = 0.45 at any d
 
 
+# The ablation: seven arms on one grid of lr / sigma (sigma: the std of the arm's actual weights, so
+# equal points are equal relative steps), three depths at d 64, each arm's points near its expected
+# optimum at three seeds, the far ones at one.
+ABLATION_ARMS = (
+    'small_rapid',
+    'wesar_width',
+    'wesar_width_fixed',
+    'matrix_lr',
+    'matrix_lr_clip',
+    'small_od_lr',
+    'wesar_width_small',
+)
+ABLATION_SHAPES = ('base', 'd64-L8', 'd64-L16')
+ABLATION_GRID = tuple(range(-5, 1))  # k: lr / sigma = 10^(k/4), quarter decades from 0.056 to 1.0
+# The expected optimum k of each arm, from the earlier study's refined bests at d 64 (lr / sigma):
+# Small init 0.13-0.22 (k -3.6 to -2.6), WeSaR and its twin 0.154 (k -3.2), W_o/W_d lr 0.22-0.38
+# (k -2.6 to -1.7). Fixed gates and the matched-clipping twin take WeSaR's; WeSaR on the Small
+# backbone, equal relative steps on Small init's scales like the W_o/W_d-lr arm, takes that arm's.
+ABLATION_OPTIMUM = {
+    'small_rapid': -4,
+    'wesar_width': -3,
+    'wesar_width_fixed': -3,
+    'matrix_lr': -3,
+    'matrix_lr_clip': -3,
+    'small_od_lr': -2,
+    'wesar_width_small': -2,
+}
+ABLATION_SEEDS = (0, 1, 2)  # at the near points (the expected optimum, one below, two above); far points: the first
+ABLATION_NEAR = (-1, 0, 1, 2)  # offsets from the expected optimum
+ABLATION_EXTENSION_LIMIT = (-8, 2)  # the extension rule adds points up to lr / sigma = 10^(-2) .. 10^(1/2)
+# The gate-free twin's clipping threshold matched to what WeSaR's clip sees: WeSaR's gradient on W_r is
+# a_r = s_r / sigma times the twin's; s_r / sigma = 1 / sqrt(0.081) for e, q, k, v, u and p at every
+# width (W_o, W_d: that over sqrt(2N) and sqrt(4N)), so the twin clipped at sqrt(0.081) clips when WeSaR would.
+MATCHED_CLIPPING = 0.2846  # sqrt(WIDTH_SIGMA_CONSTANT), to 4 digits
+
+
+def arm_sigma(method: str, d_model: int) -> float:
+    """The std of the arm's actual weights: lr / arm_sigma is its relative step per matrix under Adam."""
+    if method in ('wesar_width', 'matrix_lr', 'wesar_width_fixed', 'matrix_lr_clip', 'wesar_width_small'):
+        return math.sqrt(WIDTH_SIGMA_CONSTANT / d_model)
+    if method == 'wesar':
+        return math.sqrt(4e-5)
+    return math.sqrt(2.0 / (5.0 * d_model))  # Small init's std, for the Small-init arms
+
+
+def ablation_lr(method: str, d_model: int, k: int) -> float:
+    """The learning rate of grid point ``k`` (lr / sigma = 10^(k/4)) of an arm, to 3 significant digits."""
+    return float(f'{10 ** (k / 4) * arm_sigma(method, d_model):.3g}')
+
+
+def ablation_points(method: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The arm's grid points (k) near its expected optimum (three seeds) and the far ones (one seed)."""
+    near = tuple(ABLATION_OPTIMUM[method] + o for o in ABLATION_NEAR if ABLATION_OPTIMUM[method] + o in ABLATION_GRID)
+    return near, tuple(k for k in ABLATION_GRID if k not in near)
+
+
 def refine_lrs(method: str, best_lr: float) -> tuple[float, ...]:
     """The learning rates halfway, on a log scale, between ``best_lr`` and its neighbours in the arm's
     STUDY_LRS (a quarter-decade or so each side), to 3 significant digits."""
@@ -92,8 +163,8 @@ def refine_lrs(method: str, best_lr: float) -> tuple[float, ...]:
 
 
 def study_sigma_squared(method: str, d_model: int) -> float:
-    """sigma^2 of a study arm: width-scaled for WeSaR and its per-matrix-lr twin, Small's own std for small_od_lr."""
-    if method in ('wesar_width', 'matrix_lr'):
+    """sigma^2 of a study arm: width-scaled for WeSaR and its per-matrix-lr twins, Small's own std for small_od_lr."""
+    if method in ('wesar_width', 'matrix_lr', 'wesar_width_fixed', 'matrix_lr_clip', 'wesar_width_small'):
         return WIDTH_SIGMA_CONSTANT / d_model
     if method == 'small_od_lr':
         return 2.0 / (5.0 * d_model)
@@ -108,6 +179,8 @@ SHAPES: dict[str, dict[str, int]] = {
     'd64-L2': {'d_model': 64, 'n_layers': 2, 'n_heads': 4},
     'd64-L8': {'d_model': 64, 'n_layers': 8, 'n_heads': 4},
     'd128-L4': {'d_model': 128, 'n_layers': 4, 'n_heads': 4},
+    # the ablation: base, d64-L8 and a third depth
+    'd64-L16': {'d_model': 64, 'n_layers': 16, 'n_heads': 4},
 }
 
 
@@ -133,6 +206,8 @@ class Scale:
     study_shapes: tuple[str, ...] = ('base', 'd64-L2', 'd64-L8', 'd128-L4')  # literal sigma^2 at the first
     study_seeds: tuple[int, ...] = (0, 1)
     study_lr_points: int = 5  # the first n of each arm's STUDY_LRS
+    ablation_shapes: tuple[str, ...] = ABLATION_SHAPES
+    ablation_seeds: tuple[int, ...] = ABLATION_SEEDS
 
 
 FULL = Scale(
@@ -168,6 +243,8 @@ QUICK = Scale(
     study_shapes=('base', 'deep'),
     study_seeds=(0,),
     study_lr_points=2,
+    ablation_shapes=('base', 'deep'),
+    ablation_seeds=(0,),
 )
 QUICK_SHAPES = {
     'base': {'d_model': 32, 'n_layers': 2, 'n_heads': 2},
@@ -195,7 +272,7 @@ def _say(line: str) -> None:
 
 @dataclass(frozen=True)
 class RunSpec:
-    group: str  # main | reparam | lr | study | refine
+    group: str  # main | reparam | lr | study | refine | ablation
     method: str
     shape: str
     seed: int
@@ -211,11 +288,16 @@ def plan(
     scale: Scale,
     groups: Sequence[str] = ('main', 'reparam', 'lr'),
     study_best: Optional[dict[tuple[str, str], float]] = None,
+    shapes: Optional[dict[str, dict[str, int]]] = None,
+    ablation_rows: Sequence[dict] = (),
 ) -> list[RunSpec]:
     """The runs of a grid, the most informative first: two seeds of the main grid, the lr sweep,
     the compared reparameterizations, then the other seeds of the main grid and of the lr sweep
     (a deadline cuts from the end); then the study, then its refinement, which needs the study's
-    best learning rate of each (shape, arm) in ``study_best``."""
+    best learning rate of each (shape, arm) in ``study_best``; then the ablation: every seed of the
+    points near each arm's expected optimum, then the far points (cut first by a deadline), then the
+    points its extension rule adds from the results so far (``ablation_rows``). ``shapes``: the
+    model shapes (default SHAPES)."""
     specs: list[RunSpec] = []
 
     def main_runs(seeds):
@@ -264,7 +346,75 @@ def plan(
                     if (shape, method) in study_best:
                         for lr in refine_lrs(method, study_best[(shape, method)]):
                             specs.append(RunSpec('refine', method, shape, seed, lr))
+    if 'ablation' in groups:
+        specs += ablation_plan(scale, shapes or SHAPES, ablation_rows)
     return specs
+
+
+def ablation_plan(scale: Scale, shapes: dict[str, dict[str, int]], rows: Sequence[dict] = ()) -> list[RunSpec]:
+    """The ablation's runs: the near points at every seed (seed by seed, every shape), then the far
+    points at the first seed, then what :func:`ablation_extension` adds from ``rows``."""
+    specs = []
+    for seed in scale.ablation_seeds:
+        for shape in scale.ablation_shapes:
+            for method in ABLATION_ARMS:
+                for k in ablation_points(method)[0]:
+                    specs.append(
+                        RunSpec('ablation', method, shape, seed, ablation_lr(method, shapes[shape]['d_model'], k))
+                    )
+    for shape in scale.ablation_shapes:
+        for method in ABLATION_ARMS:
+            for k in ablation_points(method)[1]:
+                lr = ablation_lr(method, shapes[shape]['d_model'], k)
+                specs.append(RunSpec('ablation', method, shape, scale.ablation_seeds[0], lr))
+    planned = {s.name for s in specs}
+    specs += [s for s in ablation_extension(rows, scale, shapes) if s.name not in planned]
+    return specs
+
+
+def _grid_k(method: str, d_model: int, lr: float) -> int:
+    return round(4 * math.log10(lr / arm_sigma(method, d_model)))
+
+
+def ablation_extension(rows: Sequence[dict], scale: Scale, shapes: dict[str, dict[str, int]]) -> list[RunSpec]:
+    """The extension rule, applied to the ablation's results so far (``rows``): for each (shape, arm),
+    with L its best point (lowest mean validation loss; a diverged run counts as ln(vocab)), the point
+    below L and the two above it get every seed (so an L at either end of the grid gains the point
+    beyond it, and an L at a far point gains the seeds it lacks). Points beyond ABLATION_EXTENSION_LIMIT are not added; runs already planned or done
+    are skipped by name, so a rerun of the group adds only what is missing.
+    """
+    l0 = math.log(scale.vocab_size)
+    by_arm: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for r in rows:
+        if r['group'] != 'ablation' or r['shape'] not in scale.ablation_shapes:
+            continue
+        k = _grid_k(r['method'], shapes[r['shape']]['d_model'], r['lr'])
+        loss = r['val_loss'] if not r['diverged'] and math.isfinite(r['val_loss']) else l0
+        by_arm.setdefault((r['shape'], r['method']), {}).setdefault(k, []).append(min(loss, l0))
+    specs = []
+    for (shape, method), points in by_arm.items():
+        best = min(points, key=lambda k: (sum(points[k]) / len(points[k]), k))
+        wanted = {best - 1, best, best + 1, best + 2}
+        lo, hi = ABLATION_EXTENSION_LIMIT
+        for k in sorted(wanted):
+            if not lo <= k <= hi:
+                continue
+            lr = ablation_lr(method, shapes[shape]['d_model'], k)
+            for seed in scale.ablation_seeds:
+                specs.append(RunSpec('ablation', method, shape, seed, lr))
+    return specs
+
+
+# Wall seconds of one run at 240 steps, two runs at a time, d 64: the study's refinement runs (load about
+# 4) took a median 25 s at N 4 and 53 s at N 8; linear in N between and beyond them.
+_SECONDS_N4, _SECONDS_PER_LAYER = 25.0, 7.0
+
+
+def estimate_seconds(spec: RunSpec, scale: Scale, shapes: dict[str, dict[str, int]]) -> float:
+    """The expected wall time of one run at ``--jobs 2`` on a quiet 2-core machine (d 64 models)."""
+    n = shapes[spec.shape]['n_layers']
+    width = shapes[spec.shape]['d_model'] / 64
+    return (_SECONDS_N4 + _SECONDS_PER_LAYER * (n - 4)) * width * scale.steps / FULL.steps
 
 
 def run_settings(spec: RunSpec, scale: Scale) -> dict[str, Any]:
@@ -291,23 +441,26 @@ def _method_algorithms(method: str, shape: dict[str, int]) -> dict[str, Any]:
             part = cast(dict[str, Any], om.to_container(om.load(f)))['algorithms']
     else:
         part = _study_algorithms(method, shape['d_model'])
-    return {'gradient_clipping': '${variables.clipping}', 'z_loss': '${variables.z_loss}', **part}
+    clipping: Any = '${variables.clipping}'
+    if method == 'matrix_lr_clip':
+        clipping = {'clipping_type': 'norm', 'clipping_threshold': MATCHED_CLIPPING}
+    return {'gradient_clipping': clipping, 'z_loss': '${variables.z_loss}', **part}
 
 
 def _study_algorithms(method: str, d_model: int) -> dict[str, Any]:
     """The algorithms of a study arm whose sigma^2 depends on the width."""
     sigma_squared = study_sigma_squared(method, d_model)
-    if method == 'wesar_width':
+    if method in ('wesar_width', 'wesar_width_fixed', 'wesar_width_small'):
         return {
             'wesar': {
                 'sigma_squared': sigma_squared,
-                'backbone': 'he',
-                'trainable_gates': True,
+                'backbone': 'small' if method == 'wesar_width_small' else 'he',
+                'trainable_gates': method != 'wesar_width_fixed',
                 'gate_weight_decay': 0.0,
                 'embedding_scaling': True,
             }
         }
-    backbone = 'he' if method == 'matrix_lr' else 'small'
+    backbone = 'he' if method in ('matrix_lr', 'matrix_lr_clip') else 'small'
     return {'paper_init': {'backbone': backbone, 'embedding_scaling': True, 'matrix_lr_sigma_squared': sigma_squared}}
 
 

@@ -245,8 +245,9 @@ def run_grid(
         max_chars=scale.max_chars,
         progress=lambda line: _say(f'data: {line}'),
     )
-    done = {r['run_name'] for r in read_results(results_path)}
-    planned = plan(scale, groups, study_best)
+    previous = read_results(results_path)
+    done = {r['run_name'] for r in previous}
+    planned = plan(scale, groups, study_best, shapes, ablation_rows=previous)
     todo = [s for s in planned if s.name not in done]
     if any(s.monitor for s in todo):  # created once here: two workers creating it at once collide
         import mlflow

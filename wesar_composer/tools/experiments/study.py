@@ -16,10 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from wesar_composer.tools.experiments.grid import FULL, METHODS, REFINE_ARMS, SHAPES, refine_lrs, study_sigma_squared
-from wesar_composer.tools.experiments.tables import _stats
+from wesar_composer.tools.experiments.grid import FULL, METHODS, REFINE_ARMS, SHAPES, arm_sigma, refine_lrs
+from wesar_composer.tools.experiments.measures import EQUIVALENCE_MARGIN, Paired, basin, sensitivity
+from wesar_composer.tools.experiments.measures import mean_sd as _stats
 
-__all__ = ['ArmSummary', 'summarize', 'best_lrs', 'summarize_refined', 'render_study_tables', 'plot_study']
+__all__ = [
+    'ArmSummary',
+    'summarize',
+    'best_lrs',
+    'summarize_refined',
+    'paired_twin',
+    'interpolated_basins',
+    'render_study_tables',
+    'plot_study',
+]
 
 SMALL = 'small_rapid'
 ARM_ORDER = ('small_rapid', 'small_qkln', 'small_od_lr', 'wesar_width', 'matrix_lr', 'wesar')
@@ -138,13 +148,7 @@ def _shape_label(shape: str) -> str:
     return f'd {dims["d_model"]}, N {dims["n_layers"]}'
 
 
-def _sigma(method: str, d_model: int) -> float:
-    """The std of the arm's actual weights that its relative step lr / sigma is measured against."""
-    if method in ('wesar_width', 'matrix_lr'):
-        return math.sqrt(study_sigma_squared(method, d_model))
-    if method == 'wesar':
-        return math.sqrt(LITERAL_SIGMA_SQUARED)
-    return math.sqrt(2.0 / (5.0 * d_model))  # Small init's std, for the Small-init arms
+_sigma = arm_sigma  # the std of the arm's actual weights that its relative step lr / sigma is measured against
 
 
 def table_arms(summary: dict[tuple[str, str], ArmSummary]) -> str:
@@ -402,6 +406,116 @@ def refined_decisions(refined: dict[tuple[str, str], Refined]) -> list[str]:
     return lines
 
 
+def _losses(rows: list[dict], shape: str, method: str) -> dict[float, dict[int, float]]:
+    """lr -> seed -> validation loss of the study's and the refinement's runs of one arm."""
+    out: dict[float, dict[int, float]] = {}
+    for r in rows:
+        if r['group'] in ('study', 'refine') and r['shape'] == shape and r['method'] == method:
+            loss = r['val_loss'] if not r['diverged'] and math.isfinite(r['val_loss']) else INITIAL_LOSS
+            out.setdefault(r['lr'], {})[r['seed']] = min(loss, INITIAL_LOSS)
+    return out
+
+
+def _pairs(a: dict[int, float], b: dict[int, float]) -> list[float]:
+    return [a[s] - b[s] for s in sorted(set(a) & set(b))]
+
+
+@dataclass
+class TwinPairs:
+    """WeSaR (width-scaled sigma) against its gate-free twin, run by run: same shape, lr and seed."""
+
+    at_optimum: Paired  # at WeSaR's refined best lr of each shape
+    everywhere: Paired  # every lr both ran
+    top: Paired  # at the top lr both ran (3e-2)
+    vs_small: Paired  # WeSaR minus Small init, each at its refined best lr, paired by seed
+    od_vs_small: Paired  # W_o / W_d lr / sqrt(2N) minus Small init, each at its refined best lr
+
+
+def paired_twin(rows: list[dict], refined: Optional[dict[tuple[str, str], Refined]] = None) -> Optional[TwinPairs]:
+    """The study's comparisons paired run by run (the seed fixes the data order and the virtual init,
+    shared by WeSaR and its twin): at the refined optimum, at every lr, at the top lr."""
+    refined = refined if refined is not None else summarize_refined(rows)
+    shapes = _in_shape_order({s for s, m in refined if m == 'wesar_width' and (s, 'matrix_lr') in refined})
+    if not shapes:
+        return None
+    opt, every, top, vs_small, od = [], [], [], [], []
+    for shape in shapes:
+        w, t = _losses(rows, shape, 'wesar_width'), _losses(rows, shape, 'matrix_lr')
+        opt += _pairs(
+            w.get(refined[(shape, 'wesar_width')].best_lr, {}), t.get(refined[(shape, 'wesar_width')].best_lr, {})
+        )
+        common = sorted(set(w) & set(t))
+        for lr in common:
+            every += _pairs(w[lr], t[lr])
+        if common:
+            top += _pairs(w[common[-1]], t[common[-1]])
+        if (shape, SMALL) in refined:
+            s = _losses(rows, shape, SMALL)[refined[(shape, SMALL)].best_lr]
+            vs_small += _pairs(w[refined[(shape, 'wesar_width')].best_lr], s)
+            if (shape, 'small_od_lr') in refined:
+                o = _losses(rows, shape, 'small_od_lr')[refined[(shape, 'small_od_lr')].best_lr]
+                od += _pairs(o, s)
+    return TwinPairs(Paired(opt), Paired(every), Paired(top), Paired(vs_small), Paired(od))
+
+
+def table_paired(pairs: TwinPairs) -> str:
+    m = EQUIVALENCE_MARGIN
+    lines = [
+        f'| comparison | paired difference (mean ± SE) | TOST within ±{m:g} nats | verdict |',
+        '|---|---|---|---|',
+    ]
+    for name, p, a, b in (
+        ("WeSaR - twin at WeSaR's refined best lr", pairs.at_optimum, 'WeSaR', 'the twin'),
+        ('WeSaR - twin at every lr both ran', pairs.everywhere, 'WeSaR', 'the twin'),
+        ('WeSaR - twin at the top lr (3e-2)', pairs.top, 'WeSaR', 'the twin'),
+        ('WeSaR - Small init, each at its refined best lr', pairs.vs_small, 'WeSaR', 'Small init'),
+        ('W_o/W_d lr - Small init, each at its refined best lr', pairs.od_vs_small, 'The W_o/W_d-lr arm', 'Small init'),
+    ):
+        extra = f'; range {min(p.diffs):+.3f} to {max(p.diffs):+.3f}' if p.n else ''
+        lines.append(f'| {name} | {p}{extra} | {"yes" if p.equivalent(m) else "no"} | {p.verdict(m, a, b)} |')
+    return '\n'.join(lines)
+
+
+BASIN_ARMS = ('small_rapid', 'small_qkln', 'small_od_lr', 'wesar_width', 'matrix_lr')
+
+
+def interpolated_basins(rows: list[dict]) -> dict[tuple[str, str], tuple[float, bool, float]]:
+    """Per (shape, arm): the basin (decades within 0.1 nats of the best, interpolated on log lr, the
+    refinement's points included), whether it reaches the end of the range, and the LR sensitivity,
+    both over the lr / sigma range that every arm of the shape covers."""
+    out = {}
+    for shape in _in_shape_order({r['shape'] for r in rows if r['group'] == 'study'}):
+        d = SHAPES[shape]['d_model'] if shape in SHAPES else 64
+        curves = {}
+        for method in BASIN_ARMS:
+            losses = _losses(rows, shape, method)
+            if len(losses) > 1:
+                lrs = sorted(losses)
+                xs = [math.log10(lr / _sigma(method, d)) for lr in lrs]
+                curves[method] = (xs, [statistics.fmean(losses[lr].values()) for lr in lrs])
+        if not curves:
+            continue
+        span = (max(c[0][0] for c in curves.values()), min(c[0][-1] for c in curves.values()))
+        for method, (xs, ys) in curves.items():
+            width, edge = basin(xs, ys, BASIN_NATS, span)
+            out[(shape, method)] = (width, edge, sensitivity(xs, ys, INITIAL_LOSS, span))
+    return out
+
+
+def table_basins(basins: dict[tuple[str, str], tuple[float, bool, float]]) -> str:
+    lines = [
+        '| shape | arm | basin (decades, interpolated) | Δ basin vs Small init | LR sensitivity (common range) |',
+        '|---|---|---|---|---|',
+    ]
+    for (shape, method), (width, edge, sens) in basins.items():
+        small = basins.get((shape, SMALL))
+        delta = f'{width - small[0]:+.2f}' if small and method != SMALL else ''
+        lines.append(
+            f'| {_shape_label(shape)} | {METHODS[method][0]} | {width:.2f}{"+" if edge else ""} | {delta} | {sens:.3f} |'
+        )
+    return '\n'.join(lines)
+
+
 def render_study_tables(rows: list[dict]) -> dict[str, str]:
     summary = summarize(rows)
     if not summary:
@@ -416,6 +530,12 @@ def render_study_tables(rows: list[dict]) -> dict[str, str]:
     if refined:
         tables['study-refined'] = table_refined(refined)
         tables['study-refined-decision'] = '\n'.join(refined_decisions(refined))
+        pairs = paired_twin(rows, refined)
+        if pairs is not None:
+            tables['study-paired'] = table_paired(pairs)
+    basins = interpolated_basins(rows)
+    if basins:
+        tables['study-basins'] = table_basins(basins)
     return tables
 
 

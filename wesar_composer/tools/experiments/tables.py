@@ -5,16 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from wesar_composer.tools.experiments.grid import LR_METHODS, MAIN_METHODS, METHODS, REPARAM_METHODS
+from wesar_composer.tools.experiments.measures import mean_sd as _stats
 
-__all__ = ['RESULTS_CSV', 'Row', 'CSV_FIELDS', 'read_results', 'render_tables', 'render_page', 'table_norms']
+__all__ = ['RESULTS_CSV', 'Row', 'CSV_FIELDS', 'read_results', 'render_group_tables', 'table_norms']
 
 RESULTS_CSV = 'results.csv'
 NORMS_JSON = 'last_layer_norms.json'  # per shape, written by figures.plot_figures, read by table_norms
@@ -96,13 +95,6 @@ def _append_row(path: Path, row: dict[str, Any]) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
-
-
-def _stats(values: Sequence[float]) -> tuple[float, float, int]:
-    vals = [v for v in values if math.isfinite(v)]
-    if not vals:
-        return float('nan'), float('nan'), 0
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
 
 
 def _ms(values: Sequence[float], spec: str = '.3f') -> str:
@@ -236,7 +228,7 @@ def table_d_over_u(rows: list[dict]) -> str:
 def table_wall(rows: list[dict]) -> str:
     total = sum(r['wall_s'] for r in rows)
     lines = ['| group | shape | runs | wall time per run (mean ± std) | total |', '|---|---|---|---|---|']
-    for group in ('main', 'reparam', 'lr', 'study', 'refine'):
+    for group in ('main', 'reparam', 'lr', 'study', 'refine', 'ablation'):
         for shape in sorted({r['shape'] for r in rows if r['group'] == group}):
             sel = _select(rows, group=group, shape=shape)
             lines.append(
@@ -247,11 +239,9 @@ def table_wall(rows: list[dict]) -> str:
     return '\n'.join(lines)
 
 
-def render_tables(rows: list[dict]) -> dict[str, str]:
-    """The generated blocks of the page, by name: those of the groups ``rows`` hold (a results file
-    of the study alone leaves the other blocks of the page as they are)."""
-    from wesar_composer.tools.experiments.study import render_study_tables
-
+def render_group_tables(rows: list[dict]) -> dict[str, str]:
+    """The generated blocks of the earlier groups (main, reparam, lr) and the wall-time tables, by name:
+    those of the groups ``rows`` hold. The study's and the ablation's are added by :mod:`~.page`."""
     groups = {r['group'] for r in rows}
     shapes = sorted({r['shape'] for r in rows if r['group'] == 'main'})
     tables = {f'main-{shape}': table_main(rows, shape) for shape in shapes}
@@ -262,32 +252,12 @@ def render_tables(rows: list[dict]) -> dict[str, str]:
     if 'lr' in groups:
         tables['lr'] = table_lr(rows)
     if groups & {'main', 'reparam', 'lr'}:
-        tables['wall'] = table_wall([r for r in rows if r['group'] not in ('study', 'refine')])
+        tables['wall'] = table_wall([r for r in rows if r['group'] not in ('study', 'refine', 'ablation')])
     if 'study' in groups:
-        tables.update(render_study_tables(rows))
         tables['study-wall'] = table_wall([r for r in rows if r['group'] in ('study', 'refine')])
+    if 'ablation' in groups:
+        tables['ablation-wall'] = table_wall([r for r in rows if r['group'] == 'ablation'])
     return tables
-
-
-_BLOCK = re.compile(r'(<!-- BEGIN GENERATED ([\w-]+) -->\n).*?(<!-- END GENERATED \2 -->)', re.S)
-
-
-def render_page(page: Path, rows: list[dict], out_dir: Optional[Path] = None) -> list[str]:
-    """Replace each ``<!-- BEGIN GENERATED name -->`` block of ``page``; returns the names filled."""
-    tables = render_tables(rows)
-    if out_dir is not None and list((out_dir / 'figures').glob(f'*/{NORMS_JSON}')):
-        tables['norms'] = table_norms(out_dir)
-    filled = []
-
-    def fill(m: re.Match) -> str:
-        name = m.group(2)
-        if name not in tables:
-            return m.group(0)
-        filled.append(name)
-        return f'{m.group(1)}{tables[name]}\n{m.group(3)}'
-
-    page.write_text(_BLOCK.sub(fill, page.read_text()))
-    return filled
 
 
 def table_norms(out_dir: Path) -> str:
