@@ -13,6 +13,10 @@ them with the run's before any weight is used:
   (a checkpoint that lacks the run's keys already fails inside torch's loader, naming the key).
 
 paper_init and residual_scaling add no keys; their checkpoints look like plain ones.
+
+These guards are installed by the algorithms, so they run only in a run that lists one. A run
+that lists none is checked before it starts by the llm-foundry config transform in
+:mod:`wesar_composer.reparam.resume_guard`, which reads the same keys from the checkpoint file.
 """
 
 from __future__ import annotations
