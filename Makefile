@@ -1,17 +1,35 @@
 # The two commands of the README: `make demo` (main job) and `make test` (lint, types, test suite).
-# Each creates .venv and installs the package into it on first use.
+# Each creates .venv on first use and installs into it what it needs: `make demo` the package
+# with its pinned stack (llm-foundry, Composer, torch: about 7 GB, a few minutes, pip's progress
+# shown); `make test` also the dev extras (pytest, ruff, pyright).
 PYTHON ?= python3
 VENV := .venv
+PIP := $(VENV)/bin/pip
+# Stamps, newer than pyproject.toml once installed: the package alone, and the package with its dev extras.
+INSTALLED_DEMO := $(VENV)/.installed-demo
 INSTALLED := $(VENV)/.installed
 
-$(INSTALLED): pyproject.toml
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --upgrade --quiet pip
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
-	touch $(INSTALLED)
+	$(PIP) install --upgrade --quiet pip
+
+# A .venv with the dev extras installed from this pyproject.toml has everything the demo needs.
+$(INSTALLED_DEMO): pyproject.toml | $(VENV)/bin/python
+	@if [ $(INSTALLED) -nt pyproject.toml ]; then \
+		echo 'wesar-composer is installed in $(VENV) (with the dev extras)'; \
+	else \
+		echo 'Installing wesar-composer and its pinned stack into $(VENV): about 7 GB, a few minutes on first use'; \
+		$(PIP) install -e . || exit 1; \
+	fi
+	touch $@
+
+$(INSTALLED): pyproject.toml | $(VENV)/bin/python
+	@echo 'Installing wesar-composer with its dev extras (pytest, ruff, pyright) into $(VENV)'
+	$(PIP) install -e '.[dev]'
+	touch $@ $(INSTALLED_DEMO)
 
 .PHONY: demo test test-fast lint format
-demo: $(INSTALLED)
+demo: $(INSTALLED_DEMO)
 	$(VENV)/bin/wesar-demo
 
 lint: $(INSTALLED)
