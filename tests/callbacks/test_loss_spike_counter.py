@@ -142,8 +142,9 @@ def test_state_dict_round_trip():
     [
         ({'outlier_multiplier': 1.0}, 'outlier_multiplier must be a finite number above 1, got 1.0'),
         ({'outlier_multiplier': float('inf')}, 'outlier_multiplier must be a finite number above 1, got inf'),
-        ({'window_size': 0}, 'window_size must be a positive integer, got 0'),
-        ({'min_history': 60}, 'min_history must be an integer from 1 to window_size=50, got 60'),
+        ({'window_size': 0}, 'window_size must be an integer >= 2, got 0'),
+        ({'window_size': 1}, 'window_size must be an integer >= 2, got 1'),
+        ({'min_history': 60}, 'min_history must be an integer from 2 to window_size=50, got 60'),
         ({'log_interval': 2.5}, 'log_interval must be a positive integer, got 2.5'),
         ({'stop_after': 0}, 'stop_after must be None .never stop. or a positive integer, got 0'),
     ],

@@ -86,7 +86,7 @@ class Spy(Callback):
 
 def test_costs_nothing_off_interval_and_copies_the_weights_once(monkeypatch):
     model = mpt(d_model=64, n_layers=N_LAYERS, tie_word_embeddings=True)
-    monitor = UpdateRatioMonitor(log_interval=3)
+    monitor = UpdateRatioMonitor(log_interval=3, families=['update_ratio', 'param_norm'])
     calls = []
     original = torch._foreach_norm
     monkeypatch.setattr(torch, '_foreach_norm', lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -99,6 +99,24 @@ def test_costs_nothing_off_interval_and_copies_the_weights_once(monkeypatch):
     calls.clear()
     fit(mpt(d_model=64, n_layers=N_LAYERS), [UpdateRatioMonitor(log_interval=3, families='all')], batches=3)
     assert len(calls) == 3  # with grad_norm keys the gradients are read too
+
+
+def test_default_reads_the_gradients_of_the_logged_matrices_only(monkeypatch):
+    """``update_ratio_monitor: {}`` logs grad_norm/ keys, and reads no gradient of a layer it does not log."""
+    model = mpt(d_model=64, n_layers=4)
+    monitor = UpdateRatioMonitor(log_interval=1)
+    read = []
+    original = torch._foreach_norm
+    monkeypatch.setattr(
+        torch, '_foreach_norm', lambda t, *a, **k: read.append(sum(x.numel() for x in t)) or original(t, *a, **k)
+    )
+    data = fit(model, [monitor], batches=1)
+    assert {k for k in data if k.startswith('grad_norm/')} == {
+        f'grad_norm/{s}' for s in ['e', 'p'] + [f'L{layer}/{r}' for layer in (0, 3) for r in 'qkvoud']
+    }
+    weights, grads, diffs = read
+    middle = sum(s.module.weight.numel() for s in find_matrices(model) if s.layer in (1, 2))
+    assert weights == diffs and grads == weights - middle
 
 
 def test_sgd_update_ratio_is_lr_times_clipped_grad_norm_over_param_norm():

@@ -1,4 +1,9 @@
-"""Monitor the update ratio ||W_after - W_before|| / ||W_before|| of every weight matrix."""
+"""Monitor the update ratio ||W_after - W_before|| / ||W_before|| of every weight matrix.
+
+The callback itself; its volume options are in ``monitor_options``, the shard arithmetic in
+``sharding``, the norms in ``norms`` and the spike post-mortem that reads its history in
+``post_mortem``.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,6 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Mapping, Sequence
-from collections.abc import Mapping as MappingABC
-from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union, cast
 
@@ -18,26 +21,38 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from torch import nn
 
+from wesar_composer.callbacks.keys import FAMILIES, matrix_key
+from wesar_composer.callbacks.monitor_options import LayersArg, check_families, check_layers, resolve_layers
+from wesar_composer.callbacks.norms import slice_sq_norms
+from wesar_composer.callbacks.post_mortem import RatioRise, ratio_rise
+from wesar_composer.callbacks.sharding import (
+    ShardInfo,
+    dtensor_local,
+    dtensor_shard_group,
+    fsdp1_shards,
+    global_numel,
+    is_dtensor,
+    is_sharded,
+    local_tensor,
+    lookup,
+    modules_by_name,
+)
 from wesar_composer.reparam.checks import CheckedHparams
 from wesar_composer.roles import find_matrices, merged_role_map, unwrap
 
 log = logging.getLogger(__name__)
 
-__all__ = ['UpdateRatioMonitor']
+__all__ = ['RatioRise', 'UpdateRatioMonitor']
 
 DEFAULT_LOG_INTERVAL = 10  # batches, as Composer's OptimizerMonitor
-_CHUNK = 1 << 18  # elements per norm: keeps float32 norms of large matrices accurate
-PREFIXES = ('update_ratio', 'param_norm', 'grad_norm', 'gate')  # the per-matrix key families
-DEFAULT_FAMILIES = ('update_ratio', 'param_norm')  # sort after loss/ on an alphabetical dashboard
+# grad_norm sorts before loss/ on an alphabetical dashboard; 50 keys a step at 40 layers
+DEFAULT_FAMILIES = ('update_ratio', 'param_norm', 'grad_norm')
 DEFAULT_LAYERS = (0, -1)  # first and last layer per matrix; every layer enters the summaries
 DEFAULT_HISTORY = 16  # logged steps of every matrix's update ratio kept for the spike post-mortem
-ALL = 'all'
 SUMMARY_MAX = 'update_ratio/max'
 SUMMARY_D_OVER_U = 'update_ratio/last_layer_d_over_u'
 SUMMARY_MEAN = 'update_ratio/mean_{role}'  # mean over layers of one role's update ratio
-LayersArg = Union[str, Sequence[int], Mapping[str, int]]
-# Module-name segments that wrappers insert (FSDP, activation checkpointing, torch.compile).
-_WRAPPER_SEGMENTS = frozenset({'_fsdp_wrapped_module', '_checkpoint_wrapped_module', '_orig_mod'})
+OWNER = 'UpdateRatioMonitor'
 
 
 @dataclass
@@ -52,24 +67,6 @@ class _Matrix:
     roles: tuple[str, ...]
     module: Optional[nn.Module] = field(default=None, repr=False)
     gates: list[tuple[tuple[str, ...], torch.Tensor]] = field(default_factory=list, repr=False)  # (keys, gate)
-
-
-@dataclass
-class RatioRise:
-    """How much each matrix's update ratio rose by a given batch: the spike post-mortem.
-
-    ``rows`` are ``(key, rise, ratio, baseline)`` sorted by ``rise``, largest first:
-    ``ratio`` is the update ratio at ``step`` (the last logged step before the batch asked
-    about), ``baseline`` the median of its update ratios at ``baseline_steps`` (the logged steps
-    before ``step`` still in the monitor's history) and ``rise = ratio / baseline``.
-    """
-
-    step: int
-    baseline_steps: tuple[int, ...]
-    rows: list[tuple[str, float, float, float]]
-
-    def top(self, n: int) -> list[tuple[str, float, float, float]]:
-        return self.rows[:n]
 
 
 class UpdateRatioMonitor(CheckedHparams, Callback):
@@ -116,18 +113,19 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
 
     Cost: nothing on batches it does not log (no copy, no norm). On a logging batch it holds
     one extra copy of the weights it measures (the local shard under FSDP), freed at the end
-    of the batch, and reads the weights, gradients and differences once each, with one host
-    sync per log.
+    of the batch, and reads the weights and differences once each, and the gradients of the
+    matrices with ``grad_norm/`` keys, with one host sync per log.
 
     Distributed: under DDP every rank holds the full weights and the averaged gradients, so
     the values are local. Under FSDP (``use_orig_params: true``, Composer's default) or FSDP2
     each rank holds a shard: the monitor sums squares over its part of every matrix and slice
-    and all-reduces one vector over the shard group, as Composer's ``OptimizerMonitor`` does.
+    and all-reduces one vector over the shard group, as Composer's ``OptimizerMonitor`` does
+    (which itself fails under FSDP2, composer issue 3920; this monitor is tested there).
 
     Volume: every matrix is measured on a logging batch, but only some keys are logged, so a
     40-layer model's dashboard stays readable. By default: the summary keys, and
-    ``update_ratio/`` and ``param_norm/`` of the first and last layer and of e and p (36 keys a
-    step for a 40-layer MPT instead of 976). ``families='all', layers='all'`` logs every key.
+    ``update_ratio/``, ``param_norm/`` and ``grad_norm/`` of the first and last layer and of e and
+    p (50 keys a step for a 40-layer MPT instead of 976). ``families='all', layers='all'`` logs every key.
 
     Args:
         log_interval: log every ``log_interval`` batches (batches ``log_interval``,
@@ -136,7 +134,7 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
             give the WeSaR algorithm the same map.
         families: the per-matrix key families to log, a list drawn from ``update_ratio``,
             ``param_norm``, ``grad_norm`` and ``gate``, or ``'all'``; ``[]`` logs the summary keys
-            only. Default ``['update_ratio', 'param_norm']``.
+            only. Default ``['update_ratio', 'param_norm', 'grad_norm']``.
         layers: the layers whose matrices get per-matrix keys: ``'all'``, a list of layer
             indices (negative ones count back from the last: ``[0, -1]``, the default), or
             ``{'every': k}`` for layers 0, k, 2k, ... and the last. e and p are logged with their
@@ -144,8 +142,8 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
         summaries: log ``update_ratio/max``, ``update_ratio/last_layer_d_over_u`` and
             ``update_ratio/mean_{role}`` (over every layer, logged or not). Default True.
         history: logged steps of every matrix's update ratio kept in memory (logged as metrics
-            or not) for :meth:`ratio_rise`, the matrices that ``LossSpikeCounter`` names when a
-            spike starts. At least 2. Default 16.
+            or not) for :meth:`ratio_rise`, the matrices that ``LossSpikeCounter`` and
+            ``SpikeGuard`` name when a spike starts. At least 2. Default 16.
     """
 
     def __init__(
@@ -160,14 +158,14 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
         if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 1:
             raise ValueError(f'log_interval must be a positive integer (batches), got {log_interval!r}.')
         merged_role_map(role_map)  # validates the entries now, before training starts
-        self.families = _check_families(families)
-        self.layers = _check_layers(layers)
+        self.families = check_families(families)
+        self.layers = check_layers(layers)
         if not isinstance(summaries, bool):
             raise ValueError(f'summaries must be true or false, got {summaries!r}.')
         if not self.families and not summaries:
             raise ValueError(
                 'families is empty and summaries is false: nothing would be logged. '
-                f'Name families from {list(PREFIXES)} or set summaries: true.',
+                f'Name families from {list(FAMILIES)} or set summaries: true.',
             )
         if isinstance(history, bool) or not isinstance(history, int) or history < 2:
             raise ValueError(f'history must be an integer >= 2 (logged steps kept), got {history!r}.')
@@ -180,7 +178,7 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
         self._logged: frozenset[str] = frozenset()  # key suffixes ('L3/q', 'e') with per-matrix keys
         self._matrices: Optional[list[_Matrix]] = None
         self._model: Optional[nn.Module] = None
-        self._shard_info: dict[int, tuple[int, int]] = {}  # FSDP1: id(param) -> (flat start, global numel)
+        self._shard_info: ShardInfo = {}  # FSDP1: id(param) -> (flat start, global numel)
         self._group: Any = None
         self._sharded = False
         self._snapshot: Optional[list[torch.Tensor]] = None
@@ -220,33 +218,9 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
         """The key suffixes that get per-matrix keys under the ``families`` and ``layers`` chosen."""
         return self._logged
 
-    def ratio_history(self) -> list[tuple[int, dict[str, float]]]:
-        """The kept logged steps, oldest first: ``(batch, {key suffix: update ratio})`` for every matrix."""
-        keys = self.keys
-        return [(step, dict(zip(keys, ratios))) for step, ratios in self._history]
-
     def ratio_rise(self, before_batch: Optional[int] = None) -> Optional[RatioRise]:
-        """Which update ratios rose most: each matrix's ratio at the last logged step before
-        ``before_batch`` over the median of its ratios at the kept steps before that one.
-
-        The loss of batch b is computed with the weights of steps 1 .. b-1, so the steps that can
-        explain a spike at batch b are those before it. None when fewer than two steps are kept.
-        """
-        entries = [(s, r) for s, r in self._history if before_batch is None or s < before_batch]
-        if len(entries) < 2:
-            return None
-        (step, latest), earlier = entries[-1], entries[:-1]
-        rows = []
-        for i, key in enumerate(self.keys):
-            baseline = statistics.median(r[i] for _, r in earlier)
-            ratio = latest[i]
-            if baseline > 0:
-                rise = ratio / baseline
-            else:
-                rise = math.inf if ratio > 0 else math.nan
-            rows.append((key, rise, ratio, baseline))
-        rows.sort(key=lambda row: (math.isnan(row[1]), -row[1] if not math.isnan(row[1]) else 0.0))
-        return RatioRise(step=step, baseline_steps=tuple(s for s, _ in earlier), rows=rows)
+        """Which update ratios rose most before ``before_batch``: :func:`post_mortem.ratio_rise` on the kept steps."""
+        return ratio_rise(self._history, self.keys, before_batch)
 
     # --- measurement, usable outside a Trainer ----------------------------------------------
 
@@ -260,7 +234,7 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
                     f'{spec.name}: weight has shape {shape}, expected a matrix. UpdateRatioMonitor must see the model '
                     'before it is sharded: add it to the Trainer callbacks (it reads shapes at Event.INIT).',
                 )
-            keys = tuple(role if spec.layer is None else f'L{spec.layer}/{role}' for role in spec.roles)
+            keys = tuple(matrix_key(spec.layer, role) for role in spec.roles)
             matrices.append(_Matrix(spec.name, shape, keys, spec.slice_sizes, spec.layer, spec.roles))
         seen: dict[str, str] = {}
         for matrix in matrices:
@@ -276,7 +250,7 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
                 f'UpdateRatioMonitor found no weight matrix with a role in {type(unwrap(model)).__name__}; '
                 'pass role_map={regex: role} naming its modules.',
             )
-        layers = _resolve_layers(self.layers, sorted({m.layer for m in matrices if m.layer is not None}))
+        layers = resolve_layers(self.layers, sorted({m.layer for m in matrices if m.layer is not None}))
         self._logged = frozenset(key for m in matrices for key in m.keys if m.layer is None or m.layer in layers)
         self._matrices = matrices
         self._history.clear()
@@ -286,10 +260,10 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
         if self._matrices is None:
             self.discover(model)
         assert self._matrices is not None
-        self._shard_info, fsdp_groups = _fsdp1_shards(model)
-        modules = _modules_by_name(model)
+        self._shard_info, fsdp_groups = fsdp1_shards(model)
+        modules = modules_by_name(model)
         for matrix in self._matrices:
-            matrix.module = _lookup(modules, matrix.name)
+            matrix.module = lookup(modules, matrix.name, OWNER)
             matrix.gates = _gates(matrix, self._shard_info)
         self._model = model
         self._group = fsdp_groups[0] if fsdp_groups else None
@@ -297,9 +271,9 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
         for matrix in self._matrices:
             assert matrix.module is not None  # looked up above
             for tensor in [matrix.module.weight, *(gate for _, gate in matrix.gates)]:  # FSDP2
-                if _is_dtensor(tensor) and any(p.is_shard() for p in tensor.placements):
+                if is_dtensor(tensor) and is_sharded(tensor, {}):
                     self._sharded = True
-                    self._group = _dtensor_shard_group(tensor)
+                    self._group = dtensor_shard_group(tensor)
         self._snapshot = None
 
     @torch.no_grad()
@@ -308,15 +282,16 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
         if self._model is None:
             raise RuntimeError('UpdateRatioMonitor.begin_step called before attach(model).')
         weights = self._local_weights()
-        weight_sq = _slice_sq_norms(weights, self._matrices)
+        weight_sq = slice_sq_norms(weights, self._matrices)
         if 'grad_norm' in self.families:  # else the gradients are not read at all
             grads = []
             for matrix, (flat, start) in zip(self._matrices, weights):
                 grad = matrix.module.weight.grad
-                grads.append(
-                    (flat.new_zeros(0), 0) if grad is None else (_local_tensor(grad).reshape(-1), start)
-                )  # no grad: 0
-            grad_sq = _slice_sq_norms(grads, self._matrices)
+                if grad is None or not any(key in self._logged for key in matrix.keys):
+                    grads.append((flat.new_zeros(0), 0))  # no gradient, or no grad_norm key logged: 0
+                else:
+                    grads.append((local_tensor(grad).reshape(-1), start))
+            grad_sq = slice_sq_norms(grads, self._matrices)
         else:
             grad_sq = torch.zeros_like(weight_sq)
         self._pre_step = torch.cat([weight_sq, grad_sq, self._gate_values(weight_sq.device)])
@@ -336,7 +311,7 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
             [c for c, _ in unique.values()], [f for _, f in unique.values()]
         )  # copy := W_before - W_after
         diffs = [(copy, start) for copy, (_, start) in zip(self._snapshot, weights)]
-        values = torch.cat([self._pre_step, _slice_sq_norms(diffs, self._matrices)])
+        values = torch.cat([self._pre_step, slice_sq_norms(diffs, self._matrices)])
         self._snapshot = None
         self._pre_step = None
         if self._sharded and torch_dist.is_available() and torch_dist.is_initialized():
@@ -351,8 +326,8 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
 
     def _local(self, param: torch.Tensor, numel: int) -> tuple[torch.Tensor, int]:
         """This rank's part of ``param`` as a flat tensor, and where it starts in the flat global tensor."""
-        if _is_dtensor(param):
-            return _dtensor_local(param)
+        if is_dtensor(param):
+            return dtensor_local(param)
         if param.numel() != numel and id(param) in self._shard_info:  # FSDP1 sharded flat view
             return param.detach().reshape(-1), self._shard_info[id(param)][0]
         return param.detach().reshape(-1), 0
@@ -363,7 +338,7 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
         parts = [torch.zeros(0, device=device, dtype=torch.float64)]
         for matrix in self._matrices:
             for _, gate in matrix.gates:
-                numel = _global_numel(gate, self._shard_info)
+                numel = global_numel(gate, self._shard_info)
                 flat, start = self._local(gate, numel)
                 full = torch.zeros(numel, device=device, dtype=torch.float64)
                 full[start : start + flat.numel()] = flat.double()
@@ -420,180 +395,17 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
         return out
 
 
-def _check_families(families: Any) -> tuple[str, ...]:
-    if families == ALL:
-        return PREFIXES
-    if isinstance(families, str) or not isinstance(families, SequenceABC):
-        raise ValueError(f"families must be 'all' or a list drawn from {list(PREFIXES)}, got {families!r}.")
-    for family in families:
-        if family not in PREFIXES:
-            raise ValueError(f"families: unknown family {family!r}; choose from {list(PREFIXES)} or 'all'.")
-    if len(set(families)) != len(families):
-        raise ValueError(f'families: {list(families)!r} names a family twice.')
-    return tuple(families)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_layers(layers: Any) -> Union[str, tuple[int, ...], dict[str, int]]:
-    allowed = "'all', a list of layer indices such as [0, -1], or {'every': k} with k >= 1"
-    if layers == ALL:
-        return ALL
-    if isinstance(layers, MappingABC):
-        if set(layers) != {'every'} or not _is_int(layers['every']) or layers['every'] < 1:
-            raise ValueError(f'layers must be {allowed}, got {dict(layers)!r}.')
-        return {'every': layers['every']}
-    if isinstance(layers, str) or not isinstance(layers, SequenceABC):
-        raise ValueError(f'layers must be {allowed}, got {layers!r}.')
-    for layer in layers:
-        if not _is_int(layer):
-            raise ValueError(f'layers: {layer!r} is not a layer index; layers must be {allowed}.')
-    return tuple(layers)
-
-
-def _resolve_layers(layers: Union[str, tuple[int, ...], dict[str, int]], present: list[int]) -> set[int]:
-    """The model's layers that ``layers`` selects; an index outside the model is an error."""
-    if layers == ALL:
-        return set(present)
-    if not present:
-        return set()
-    n = len(present)
-    if isinstance(layers, dict):
-        return set(present[:: layers['every']]) | {present[-1]}
-    chosen = set()
-    for layer in cast(tuple[int, ...], layers):  # not ALL, not a dict
-        if not -n <= layer < n:
-            raise ValueError(
-                f'layers: {layer} is outside the model, which has {n} layers '
-                f'(0 to {n - 1}, or -{n} to -1 counting back from the last).',
-            )
-        chosen.add(present[layer])
-    return chosen
-
-
-def _slice_sq_norms(flats: list[tuple[torch.Tensor, int]], matrices: list[_Matrix]) -> torch.Tensor:
-    """Squared norm (float64) of every row slice of every matrix, from this rank's flat part of it.
-
-    Each slice is cut into views of at most ``_CHUNK`` elements, normed by one fused
-    ``_foreach_norm`` call and the squares summed in float64: a float32 norm over a whole
-    embedding (25M elements) drifts by about 1e-3 on the CPU, chunks keep it near 1e-6.
-    """
-    chunks, owners, n_slices = [], [], 0
-    for (flat, start), matrix in zip(flats, matrices):
-        d_in, row, n = matrix.shape[1], 0, flat.numel()
-        for rows in matrix.slice_sizes:
-            lo, hi = row * d_in - start, (row + rows) * d_in - start
-            piece = flat[min(max(lo, 0), n) : min(max(hi, 0), n)]
-            for chunk in piece.split(_CHUNK) if piece.numel() else (piece,):
-                chunks.append(chunk)
-                owners.append(n_slices)
-            n_slices += 1
-            row += rows
-    squares = torch.stack(torch._foreach_norm(chunks, 2, dtype=torch.float32)).double().square()  # pyright: ignore[reportPrivateImportUsage]
-    index = torch.tensor(owners, device=squares.device)
-    return torch.zeros(n_slices, dtype=torch.float64, device=squares.device).index_add_(0, index, squares)
-
-
-def _gates(matrix: _Matrix, shard_info: dict[int, tuple[int, int]]) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+def _gates(matrix: _Matrix, shard_info: ShardInfo) -> list[tuple[tuple[str, ...], torch.Tensor]]:
     """(keys, gate) of a gated module: one gate element per slice, plus a tied head's own gate."""
     module = matrix.module
     gates = []
     gate = getattr(module, 'gate', None)
     if isinstance(gate, torch.Tensor):
-        if _global_numel(gate, shard_info) != len(matrix.keys):
-            raise ValueError(
-                f'{matrix.name}: a gate of {_global_numel(gate, shard_info)} elements does not match its slices {matrix.keys}.'
-            )
+        numel = global_numel(gate, shard_info)
+        if numel != len(matrix.keys):
+            raise ValueError(f'{matrix.name}: a gate of {numel} elements does not match its slices {matrix.keys}.')
         gates.append((matrix.keys, gate))
     unembed_gate = getattr(module, 'unembed_gate', None)
     if isinstance(unembed_gate, torch.Tensor):
         gates.append((('p',), unembed_gate))
     return gates
-
-
-def _global_numel(tensor: torch.Tensor, shard_info: dict[int, tuple[int, int]]) -> int:
-    """Elements of the whole tensor: a DTensor knows its global shape, FSDP1 views are looked up."""
-    if id(tensor) in shard_info:
-        return shard_info[id(tensor)][1]
-    return math.prod(tensor.shape)
-
-
-def _modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules keyed by their name with wrapper segments (FSDP, checkpointing, compile) removed."""
-    named = {}
-    for name, module in model.named_modules():
-        clean = '.'.join(part for part in name.split('.') if part not in _WRAPPER_SEGMENTS)
-        named.setdefault(clean, module)
-    return named
-
-
-def _lookup(modules: dict[str, nn.Module], name: str) -> nn.Module:
-    """The module called ``name`` relative to the unwrapped model, under any wrapper prefix."""
-    if name in modules:
-        return modules[name]
-    matches = [key for key in modules if key.endswith('.' + name)]
-    if len(matches) != 1:
-        raise ValueError(
-            f'UpdateRatioMonitor: module {name!r}, found when the model was built, is '
-            f'{"missing" if not matches else "ambiguous"} in the trained model (matches: {matches}).',
-        )
-    return modules[matches[0]]
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(tensor, DTensor)
-
-
-def _local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if _is_dtensor(tensor) else tensor
-
-
-def _dtensor_local(param) -> tuple[torch.Tensor, int]:
-    """FSDP2: the local rows of a DTensor sharded on dim 0, and their flat global offset."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    for placement in param.placements:
-        if placement.is_shard() and placement.dim != 0:
-            raise ValueError(
-                f'UpdateRatioMonitor supports parameters sharded on dim 0, got placements {param.placements}.'
-            )
-    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    row_numel = math.prod(param.shape[1:])
-    return param.to_local().detach().reshape(-1), (offset[0] if offset else 0) * row_numel
-
-
-def _dtensor_shard_group(param):
-    mesh = param.device_mesh
-    shard_dims = [i for i, p in enumerate(param.placements) if p.is_shard()]
-    return mesh.get_group(shard_dims[0]) if mesh.ndim > 1 else mesh.get_group()
-
-
-def _fsdp1_shards(model: nn.Module) -> tuple[dict[int, tuple[int, int]], list]:
-    """FSDP1 with ``use_orig_params``: id(original param) -> (flat start in the global param, global numel)."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    except ImportError:  # pragma: no cover
-        return {}, []
-    table: dict[int, tuple[int, int]] = {}
-    groups = []
-    for module in model.modules():
-        handle = getattr(module, '_handle', None) if isinstance(module, FSDP) else None
-        if handle is None or not handle.uses_sharded_strategy:
-            continue
-        flat_param = handle.flat_param
-        if flat_param._params is None:
-            raise ValueError(
-                "UpdateRatioMonitor needs FSDP with use_orig_params=True (Composer's default) to find each matrix "
-                'in the flat shards; got use_orig_params=False.',
-            )
-        groups.append(module.process_group)
-        for param, info, shape in zip(flat_param._params, flat_param._shard_param_infos, flat_param._shapes):
-            start = info.intra_param_start_idx if info.in_shard else 0
-            table[id(param)] = (start, math.prod(shape))
-    return table, groups

@@ -32,11 +32,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional, cast
 
-LOSS_KEY = 'loss/train/total'
+from wesar_composer.callbacks.keys import LAYER_KEY, LOSS_KEY
+
 LAYERED_ROLES = ('q', 'k', 'v', 'o', 'g', 'u', 'd')
 ROLE_STYLES = {'d': '-', 'u': '--'}
 _REDUCE = {'mean': statistics.fmean, 'median': statistics.median, 'max': max}
-_LAYER_KEY = re.compile(r'^update_ratio/L(\d+)/([a-z])$')
 SPIKE_TABLE_DIR = 'loss_spike'  # LossSpikeCounter's tables: loss_spike/update_ratio_rise_{n}.json
 _SPIKE_TABLE = re.compile(r'^update_ratio_rise_(\d+)\.json$')
 SPIKE_MATRICES = 10  # bars per spike panel
@@ -71,7 +71,7 @@ class Run:
         return self._cache[key]
 
     def layers(self) -> list[int]:
-        return sorted({int(m.group(1)) for k in self.keys if (m := _LAYER_KEY.match(k))})
+        return sorted({int(m.group(1)) for k in self.keys if (m := LAYER_KEY.match(k))})
 
     def spikes(self) -> list[dict]:
         """The spike post-mortems of this run, oldest first: ``{'spike', 'batch', 'step', 'baseline_steps',
