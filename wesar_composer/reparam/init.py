@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ['matrix_seed', 'draw_base_seed', 'normal_like', 'write_', 'full_tensor', 'is_dtensor']
+__all__ = ['matrix_seed', 'draw_base_seed', 'normal_like', 'write_', 'full_tensor', 'local_tensor', 'is_dtensor']
 
 _SEED_MODULUS = 2**63 - 1
 
@@ -38,7 +38,8 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
     return hasattr(tensor, 'device_mesh') and hasattr(tensor, 'to_local')
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of an FSDP2 ``DTensor``, else the tensor itself."""
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
@@ -59,7 +60,7 @@ def normal_like(
     Drawn in float32 on the device of ``tensor``'s local data with a generator seeded ``seed``:
     the same values on every rank, whatever the sharding. Returned in ``tensor``'s dtype.
     """
-    device = _local(tensor).device
+    device = local_tensor(tensor).device
     values = torch.empty(tensor.shape, device=device, dtype=torch.float32)
     generator = torch.Generator(device=device).manual_seed(int(seed))
     sizes = list(slice_sizes) if slice_sizes else [tensor.shape[0]]

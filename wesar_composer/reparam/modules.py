@@ -84,40 +84,54 @@ def _columns(scales: torch.Tensor, slice_sizes: Sequence[int]) -> torch.Tensor:
     return scales.reshape(1) if len(slice_sizes) == 1 else expand_rows(scales, slice_sizes).reshape(-1)
 
 
+def _slice_dots(grad: torch.Tensor, weight: torch.Tensor, slice_sizes: Sequence[int]) -> torch.Tensor:
+    """<grad_slice, W_slice> for every row slice, shape (n_slices,), in the dtype of ``grad`` and ``weight``."""
+    pairs = zip(grad.split(list(slice_sizes)), weight.split(list(slice_sizes)))
+    return torch.stack([torch.dot(g.reshape(-1), w.reshape(-1)) for g, w in pairs])
+
+
 class ScaledLinearFunction(torch.autograd.Function):
-    """y = x (s W)^T + b with one scale per row slice of W, scaling the smallest operand each time.
+    """y = x (s W)^T + b with one scale per row slice of W (WeSaR's gates, sigma-Reparam's a / sigma).
 
-    s * W is one of three products that give the same result: (s x) W^T, x (s W)^T and
-    (x W^T) s, with s scaling the input, the weight, or the output (in place). Each product
-    picks the smallest of these (x is T x d_in, W d_out x d_in, y T x d_out for T tokens; a
-    per-slice s cannot scale x); backward does the same for dL/dx = dy (s W), and:
+    Low precision (under autocast, or with bf16 / fp16 parameters as FSDP's ``PURE`` computes):
+    exactly ``F.linear(x, s * W)`` there, s * W rounded once to the compute dtype, at the traffic
+    of a plain layer in forward. The scale goes into the cast the plain layer makes in any case:
+    one ``mul`` reads W and writes the scaled low-precision copy, which is kept for dL/dx as
+    autocast's linear keeps its cast of W; x is cast and saved as autocast saves it. Backward
+    computes G = dy^T x (the virtual weight's gradient) in the compute dtype, and:
 
-    - dL/dW = s * G in place on G = dy^T x (the virtual weight's gradient, needed in any case);
-    - dL/ds = <G_slice, W_slice> per slice (a dot product, no temporary).
+    - dL/dW = s * G in one ``mul`` that reads G and writes the full-precision gradient, the
+      traffic of the cast back that a plain autocast layer does;
+    - dL/ds = <G_slice, W_slice> per slice. With ``scales_nonzero`` (the caller knows no scale
+      is exactly 0) it is <dL/dW_slice, W_slice> / s: one read of W and of dL/dW. Otherwise G is
+      first cast to W's dtype (dL/ds without a division; dL/dW = s * G in place after), which
+      costs two more passes over a weight-sized tensor. A stale ``scales_nonzero`` with a zero
+      scale gives a NaN gradient, not a wrong one.
 
-    Without autocast only x, W and s are saved. Under autocast, when W is the smallest operand,
-    the scale goes onto the low-precision copy of W that autocast makes in any case (in place),
-    and that copy is kept for dL/dx, as autocast's own linear keeps its cast of W: no
-    full-precision s * W, no second product in backward, the same saved memory as a plain
-    layer. Matmuls run in the dtype of dy (the autocast dtype when the forward ran under
-    autocast). WeSaR's gates and sigma-Reparam's a / sigma are such a scale.
+    Full precision without autocast (the CPU runs): s * W is one of three products that give the
+    same result, (s x) W^T, x (s W)^T and (x W^T) s, and each product scales the smallest of
+    input, weight and output (a per-slice s cannot scale x); backward scales G in place.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, scales, bias, slice_sizes):
+    def forward(ctx, x, weight, scales, bias, slice_sizes, scales_nonzero=False):
         ctx.slice_sizes = tuple(slice_sizes)
         ctx.has_bias = bias is not None
-        ctx.scaled_weight = False
+        ctx.scales_nonzero = bool(scales_nonzero)
+        cast = _autocast_dtype(x)
+        if cast is None and weight.dtype in (torch.bfloat16, torch.float16):
+            cast = weight.dtype
+        ctx.low_precision = cast is not None
+        if cast is not None:
+            x_cast = x.to(cast)
+            scaled = torch.empty(weight.shape, dtype=cast, device=weight.device)
+            torch.mul(weight, expand_rows(scales, ctx.slice_sizes), out=scaled)  # (s * W) rounded once
+            ctx.save_for_backward(x_cast, weight, scales, scaled)
+            return F.linear(x_cast, scaled, None if bias is None else bias.to(cast))
         tokens, (d_out, d_in) = x.numel() // x.shape[-1], weight.shape
         one = len(ctx.slice_sizes) == 1
         sizes = {'y': tokens * d_out, 'w': d_out * d_in, 'x': tokens * d_in if one else float('inf')}
         smallest = min(sizes, key=sizes.__getitem__)
-        cast = _autocast_dtype(x)
-        if smallest == 'w' and cast is not None and cast != weight.dtype:
-            scaled = weight.to(cast).mul_(expand_rows(scales, ctx.slice_sizes).to(cast))  # autocast's cast, scaled
-            ctx.save_for_backward(x, weight, scales, scaled)
-            ctx.scaled_weight = True
-            return F.linear(x, scaled, bias)
         ctx.save_for_backward(x, weight, scales)
         if smallest == 'y':
             y = F.linear(x, weight)
@@ -129,37 +143,71 @@ class ScaledLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = ctx.saved_tensors  # x, W, s (and the scaled low-precision W under autocast)
+        saved = ctx.saved_tensors  # x (as computed with), W, s (and the scaled low-precision W)
         x, weight, scales = saved[:3]
         sizes = ctx.slice_sizes
         need_x, need_w, need_s, need_b = ctx.needs_input_grad[:4]
-        compute_dtype = grad_out.dtype
         flat_out = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_w = grad_s = grad_b = None
-        if need_x and ctx.scaled_weight:
-            grad_x = grad_out @ saved[3].to(compute_dtype)
-        elif need_x:
-            tokens, (d_out, d_in) = flat_out.shape[0], weight.shape
-            one = len(sizes) == 1
-            options = {'dx': tokens * d_in if one else float('inf'), 'dy': tokens * d_out, 'w': d_out * d_in}
-            smallest = min(options, key=options.__getitem__)
-            if smallest == 'dx':
-                grad_x = (grad_out @ weight.to(compute_dtype)).mul_(scales.to(compute_dtype))
-            elif smallest == 'dy':
-                grad_x = (grad_out * _columns(scales, sizes).to(compute_dtype)) @ weight.to(compute_dtype)
-            else:
-                grad_x = grad_out @ (weight * expand_rows(scales, sizes).to(weight.dtype)).to(compute_dtype)
-        if need_w or need_s:
-            grad_virtual = (flat_out.t() @ x.reshape(-1, x.shape[-1]).to(compute_dtype)).to(weight.dtype)
-            if need_s:
-                pairs = zip(grad_virtual.split(list(sizes)), weight.split(list(sizes)))
-                grad_s = torch.stack([torch.dot(g.reshape(-1), w.reshape(-1)) for g, w in pairs]).to(scales.dtype)
-                grad_s = grad_s.reshape(scales.shape)
-            if need_w:
+        if ctx.low_precision:
+            compute = saved[3].dtype
+            flat_out = flat_out.to(compute)
+            if need_x:
+                grad_x = flat_out @ saved[3]
+                grad_x = grad_x.reshape(*grad_out.shape[:-1], grad_x.shape[-1])
+            if need_w or need_s:
+                grad_virtual = flat_out.t() @ x.reshape(-1, x.shape[-1])
+                grad_w, grad_s = _weight_and_scale_grads(
+                    grad_virtual, weight, scales, sizes, need_s, ctx.scales_nonzero
+                )
+        else:
+            compute_dtype = grad_out.dtype
+            if need_x:
+                grad_x = _full_precision_grad_x(grad_out, flat_out, weight, scales, sizes)
+            if need_w or need_s:
+                grad_virtual = (flat_out.t() @ x.reshape(-1, x.shape[-1]).to(compute_dtype)).to(weight.dtype)
+                if need_s:
+                    grad_s = _slice_dots(grad_virtual, weight, sizes)
                 grad_w = grad_virtual.mul_(expand_rows(scales, sizes).to(grad_virtual.dtype))
+        if grad_s is not None:
+            grad_s = grad_s.to(scales.dtype).reshape(scales.shape)
         if need_b and ctx.has_bias:
             grad_b = flat_out.sum(0)
-        return grad_x, grad_w, grad_s, grad_b, None
+        return grad_x, grad_w if need_w else None, grad_s, grad_b, None, None
+
+
+def _weight_and_scale_grads(
+    grad_virtual: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    sizes: Sequence[int],
+    need_s: bool,
+    scales_nonzero: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """dL/dW = s * G in W's dtype and dL/ds = <G, W> per slice, from G in the compute dtype."""
+    rows = expand_rows(scales, sizes)
+    if not need_s:
+        return torch.mul(grad_virtual, rows).to(weight.dtype), None
+    if scales_nonzero:
+        grad_w = torch.mul(grad_virtual, rows).to(weight.dtype)  # one pass: reads G, writes s * G
+        return grad_w, _slice_dots(grad_w, weight, sizes) / scales.reshape(-1).to(grad_w.dtype)
+    grad_virtual = grad_virtual.to(weight.dtype)
+    grad_s = _slice_dots(grad_virtual, weight, sizes)
+    return grad_virtual.mul_(rows.to(grad_virtual.dtype)), grad_s
+
+
+def _full_precision_grad_x(grad_out, flat_out, weight, scales, sizes) -> torch.Tensor:
+    """dL/dx = dy (s W), scaling the smallest of dL/dx, dy and W."""
+    compute_dtype = grad_out.dtype
+    tokens, (d_out, d_in) = flat_out.shape[0], weight.shape
+    one = len(sizes) == 1
+    options = {'dx': tokens * d_in if one else float('inf'), 'dy': tokens * d_out, 'w': d_out * d_in}
+    smallest = min(options, key=options.__getitem__)
+    if smallest == 'dx':
+        return (grad_out @ weight.to(compute_dtype)).mul_(scales.to(compute_dtype))
+    if smallest == 'dy':
+        return (grad_out * _columns(scales, sizes).to(compute_dtype)) @ weight.to(compute_dtype)
+    return grad_out @ (weight * expand_rows(scales, sizes).to(weight.dtype)).to(compute_dtype)
 
 
 def applied_method(model: nn.Module) -> Optional[tuple[str, str]]:

@@ -3,11 +3,17 @@
 A gated matrix computes with the virtual parameter W_bar = a * W (Section 4.1), where the
 actual parameter W ~ N(0, sigma^2) and the trainable gate a starts at s_r / sigma.
 
-Implementation: the linear layer never forms a * W. The package's scaled linear function
-multiplies, in place, tensors the layer computes anyway (its output, the input gradient and
-the weight gradient) and gets the gate's gradient as one dot product per slice; it saves only
-x, W and a, so the gated model holds no extra copy of its weights. The embedding scales its
-output (B x T x d is far smaller than vocab x d).
+Implementation: the package's scaled linear function puts the gate into work the layer does
+anyway. Under autocast (and with bf16 parameters) it goes into the cast of W to the compute
+dtype, (a * W) rounded once, and into the cast of the weight gradient back to W's dtype; the
+gate's gradient is one dot product per slice. In full precision it scales the smallest of
+input, weight and output. The embedding scales its output (B x T x d is far smaller than
+vocab x d).
+
+The gate's gradient divides by the gate when every gate of the matrix is known to be nonzero
+(``gates_nonzero``, a host-side flag: no device sync in the forward). The flag is set from the
+initial values, cleared by a state-dict load, and refreshed after each optimizer step by
+:func:`refresh_nonzero_gates` (one small device-to-host read per step for the whole model).
 """
 
 from __future__ import annotations
@@ -20,10 +26,10 @@ import torch.nn.functional as F
 from llmfoundry.models.layers.custom_embedding import SharedEmbedding
 from torch import nn
 
-from wesar_composer.reparam.init import write_
+from wesar_composer.reparam.init import local_tensor, write_
 from wesar_composer.reparam.modules import Reparameterized, ScaledLinearFunction, expand_rows
 
-__all__ = ['GatedLinear', 'GatedEmbedding']
+__all__ = ['GatedLinear', 'GatedEmbedding', 'refresh_nonzero_gates']
 
 METHOD = 'wesar'
 
@@ -35,7 +41,47 @@ def reset_gated(module: nn.Module, weight_std: float | None, gate_init: Sequence
     write_(module.gate, torch.tensor(gate_init))
 
 
-class GatedLinear(Reparameterized, nn.Linear):
+class _ScaledGates:
+    """The host-side ``gates_nonzero`` flag of the gates that go through the scaled linear function."""
+
+    gates_nonzero: bool = False
+
+    def scaled_gates(self) -> list[torch.Tensor]:
+        """The gates passed to the scaled linear function as its scales."""
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+        self.gates_nonzero = False  # unknown until the next refresh
+
+
+@torch.no_grad()
+def refresh_nonzero_gates(modules) -> None:
+    """Set ``gates_nonzero`` of every gated module from its gates' values: one device-to-host read.
+
+    ``modules``: the model or an iterable of its gated modules. Under FSDP each rank holds a
+    shard of a gate; the verdict is all-reduced so that every rank takes the same path.
+    """
+    from composer.utils import dist
+
+    if isinstance(modules, nn.Module):
+        modules = modules.modules()
+    modules = [m for m in modules if isinstance(m, _ScaledGates) and m.scaled_gates()]
+    gates = [(m, local_tensor(g)) for m in modules for g in m.scaled_gates()]
+    if not gates or any(g.is_meta for _, g in gates):
+        return
+    device = gates[0][1].device
+    zero = torch.stack([(g == 0).any().to(device) for _, g in gates]).to(torch.int32)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(zero, reduce_operation='MAX')
+    nonzero = {id(m): True for m in modules}
+    for (module, _), has_zero in zip(gates, zero.tolist()):
+        nonzero[id(module)] = nonzero[id(module)] and not has_zero
+    for module in modules:
+        module.gates_nonzero = nonzero[id(module)]
+
+
+class GatedLinear(Reparameterized, _ScaledGates, nn.Linear):
     """``y = x (a * W)^T + b`` with one scalar gate per output slice.
 
     ``slice_sizes`` splits the output rows (q, k, v of a fused projection); a plain
@@ -75,12 +121,17 @@ class GatedLinear(Reparameterized, nn.Linear):
             torch.tensor(self.gate_init, device=device, dtype=dtype or torch.get_default_dtype()),
             requires_grad=trainable_gate,
         )
+        self.gates_nonzero = all(g != 0 for g in self.gate_init)
         self._finish_init()
 
     def reset_reparameterization(self) -> None:
         reset_gated(self, self.weight_std, self.gate_init)
+        self.gates_nonzero = all(g != 0 for g in self.gate_init)
         if self.bias is not None:
             write_(self.bias, torch.zeros(self.bias.shape))
+
+    def scaled_gates(self) -> list[torch.Tensor]:
+        return [self.gate]
 
     def row_gates(self) -> torch.Tensor:
         """The gate of every output row, shape (out_features, 1)."""
@@ -91,7 +142,10 @@ class GatedLinear(Reparameterized, nn.Linear):
         return self.weight * self.row_gates()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, ScaledLinearFunction.apply(x, self.weight, self.gate, self.bias, self.slice_sizes))
+        return cast(
+            torch.Tensor,
+            ScaledLinearFunction.apply(x, self.weight, self.gate, self.bias, self.slice_sizes, self.gates_nonzero),
+        )
 
     def fold_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         weight = tensors['weight']
@@ -101,7 +155,7 @@ class GatedLinear(Reparameterized, nn.Linear):
         return f'{super().extra_repr()}, slices={self.slice_sizes}'
 
 
-class GatedEmbedding(Reparameterized, SharedEmbedding):
+class GatedEmbedding(Reparameterized, _ScaledGates, SharedEmbedding):
     """Token embedding ``a_e * W_e[x] * scale`` with embedding scaling ``scale = 1 / std(W_e)``.
 
     With tied embeddings (MPT's ``SharedEmbedding``), the prediction head reuses W with its
@@ -139,12 +193,17 @@ class GatedEmbedding(Reparameterized, SharedEmbedding):
             self.unembed_gate = nn.Parameter(
                 torch.tensor(self.gate_init[1:], device=device), requires_grad=trainable_gate
             )
+        self.gates_nonzero = all(g != 0 for g in self.gate_init[1:])
         self._finish_init()
 
     def reset_reparameterization(self) -> None:
         reset_gated(self, self.weight_std, self.gate_init[:1])
         if self.unembed_gate is not None:
             write_(self.unembed_gate, torch.tensor(self.gate_init[1:]))
+        self.gates_nonzero = all(g != 0 for g in self.gate_init[1:])
+
+    def scaled_gates(self) -> list[torch.Tensor]:
+        return [] if self.unembed_gate is None else [self.unembed_gate]
 
     def forward(self, input: torch.Tensor, unembed: bool = False) -> torch.Tensor:
         if unembed:
@@ -152,7 +211,9 @@ class GatedEmbedding(Reparameterized, SharedEmbedding):
                 raise RuntimeError('This embedding is not tied to a prediction head (no unembed gate).')
             return cast(
                 torch.Tensor,
-                ScaledLinearFunction.apply(input, self.weight, self.unembed_gate, None, (self.num_embeddings,)),
+                ScaledLinearFunction.apply(
+                    input, self.weight, self.unembed_gate, None, (self.num_embeddings,), self.gates_nonzero
+                ),
             )
         out = F.embedding(
             input, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse

@@ -12,7 +12,7 @@ from composer.utils import dist
 from torch import nn
 from torch.optim import Optimizer
 
-from wesar_composer.algorithms.wesar.gated_modules import GatedEmbedding, GatedLinear
+from wesar_composer.algorithms.wesar.gated_modules import GatedEmbedding, GatedLinear, refresh_nonzero_gates
 from wesar_composer.reparam.algorithm import ReparamAlgorithm
 from wesar_composer.reparam.checks import (
     INIT_MODES,
@@ -95,7 +95,9 @@ def apply_wesar(
     lr / sigma, so a fixed sigma on a narrow model is a much larger step than the paper's.
 
     Everything is validated before the model changes: a bad value raises ``ValueError`` and
-    leaves the model as it was.
+    leaves the model as it was. With ``optimizers``, each step of the first one ends with
+    :func:`refresh_nonzero_gates` (one small device-to-host read); a loop that trains the gates
+    with an optimizer it adds them to itself calls it after each step.
     """
     sigma = check_hparams(
         sigma_squared,
@@ -123,6 +125,8 @@ def apply_wesar(
     gates += [m.unembed_gate for m in replacements.values() if getattr(m, 'unembed_gate', None) is not None]
     if trainable_gates and optimizers:
         add_param_group(optimizers[0], gates, gate_weight_decay)
+        gated = list(replacements.values())
+        optimizers[0].register_step_post_hook(lambda *_: refresh_nonzero_gates(gated))
     log.info(
         'WeSaR gated %d matrices (sigma^2=%g, backbone=%s, %s).',
         len(specs),
