@@ -216,3 +216,17 @@ def test_refined_rule_1a_needs_wins_at_two_depths_and_a_growing_gap():
     assert 'The gates differ from the learning rates.' in growing[1]
     shrinking = lines({'d64-L2': 0.1, 'base': 0.05, 'd64-L8': 0.03})
     assert 'not growing' in shrinking[0] and 'does not reach a lower loss' in shrinking[0]
+
+
+def test_paired_twin_on_the_committed_results():
+    from pathlib import Path
+
+    from wesar_composer.tools.experiments.study import paired_twin
+    from wesar_composer.tools.experiments.tables import read_results
+
+    rows = read_results(Path(__file__).parents[2] / 'docs' / 'reproduction' / 'study' / RESULTS_CSV)
+    pairs = paired_twin(rows)
+    assert pairs is not None
+    assert (pairs.at_optimum.n, pairs.at_optimum.lower) == (8, 6)
+    assert pairs.at_optimum.mean == pytest.approx(-0.0130, abs=5e-5) and pairs.at_optimum.t < -3
+    assert (pairs.everywhere.n, pairs.everywhere.lower) == (50, 47)

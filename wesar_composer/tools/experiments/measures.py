@@ -81,18 +81,20 @@ class Paired:
     def equivalent(self, margin: float) -> bool:
         """TOST at 5%: the 90% interval inside (-margin, margin)."""
         lo, hi = self.interval(0.95)
-        return self.n >= 3 and math.isfinite(lo) and -margin < lo and hi < margin
+        return self.n >= 3 and self.se > 0 and -margin < lo and hi < margin
 
     def different(self) -> bool:
         """The two-sided 95% interval excludes 0."""
         lo, hi = self.interval(0.975)
-        return self.n >= 3 and math.isfinite(lo) and (hi < 0 or lo > 0)
+        return self.n >= 3 and self.se > 0 and (hi < 0 or lo > 0)
 
     def verdict(self, margin: float, a: str, b: str) -> str:
         """One of: a lower / a higher (95% interval off 0), equivalent within the margin (TOST), both (a
         difference inside the margin), or cannot decide (too few pairs, or neither test passes)."""
         if self.n < 3 or not math.isfinite(self.se):
             return f'Cannot decide: {self.n} pairs (3 needed).'
+        if self.se == 0:
+            return 'Cannot decide: the pairs do not vary (no SE).'
         if self.equivalent(margin) and self.different():
             side = 'lower' if self.mean < 0 else 'higher'
             return f'{a} is {side} than {b}, by less than the {margin:g}-nat margin.'
