@@ -22,6 +22,7 @@ _HOMES = {
     'merge_gates': 'wesar_composer.algorithms.wesar',
     'UpdateRatioMonitor': 'wesar_composer.callbacks',
     'LossSpikeCounter': 'wesar_composer.callbacks',
+    'SpikeGuard': 'wesar_composer.callbacks',
     'ZLoss': 'wesar_composer.algorithms.z_loss',
     'PaperInit': 'wesar_composer.algorithms.paper_init',
     'apply_paper_init': 'wesar_composer.algorithms.paper_init',
@@ -41,6 +42,7 @@ __all__ = [
     'merge_gates',
     'UpdateRatioMonitor',
     'LossSpikeCounter',
+    'SpikeGuard',
     'ZLoss',
     'PaperInit',
     'apply_paper_init',
@@ -60,7 +62,7 @@ if TYPE_CHECKING:
     from wesar_composer.algorithms.weight_norm import WeightNorm, apply_weight_norm
     from wesar_composer.algorithms.wesar import WeSaR, apply_wesar, gate_table, merge_gates
     from wesar_composer.algorithms.z_loss import ZLoss
-    from wesar_composer.callbacks import LossSpikeCounter, UpdateRatioMonitor
+    from wesar_composer.callbacks import LossSpikeCounter, SpikeGuard, UpdateRatioMonitor
     from wesar_composer.reparam.fold import merge_reparameterization
 
 
