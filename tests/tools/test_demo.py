@@ -8,7 +8,7 @@ import re
 import pytest
 from omegaconf import OmegaConf as om
 
-from wesar_composer.tools import demo
+from wesar_composer.tools import console, demo, report
 
 
 def test_demo_yaml_is_the_rapid_recipe_scaled_down():
@@ -116,7 +116,7 @@ def test_demo_runs_both_methods_and_reports(tiny_mds, tmp_path, capfd, console_b
 
 def test_report_says_whole_split_when_evaluation_is_not_limited():
     assert (
-        demo._evaluated({'val_tokens': 124032, 'eval_tokens': 124032, 'eval_batches': -1, 'eval_batch_size': 64})
+        report.evaluated_text({'val_tokens': 124032, 'eval_tokens': 124032, 'eval_batches': -1, 'eval_batch_size': 64})
         == 'the whole validation split (124,032 tokens)'
     )
 
@@ -124,15 +124,17 @@ def test_report_says_whole_split_when_evaluation_is_not_limited():
 def test_known_noise_is_dropped_by_logger_and_message_only():
     import logging
 
-    demo.quiet_known_noise()
-    demo.quiet_known_noise()  # once per process, however often called
+    console.quiet_known_noise()
+    console.quiet_known_noise()  # once per process, however often called
     seen = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append((record.name, record.getMessage()))
-    message = {name: f'X has generative capabilities ... {fragment} ...' for name, fragment in demo.KNOWN_NOISE.items()}
-    for name in demo.KNOWN_NOISE:
+    message = {
+        name: f'X has generative capabilities ... {fragment} ...' for name, fragment in console.KNOWN_NOISE.items()
+    }
+    for name in console.KNOWN_NOISE:
         logger = logging.getLogger(name)
-        assert sum(isinstance(f, demo._DropMessage) for f in logger.filters) == 1
+        assert sum(isinstance(f, console.DropMessage) for f in logger.filters) == 1
         logger.addHandler(handler)
         try:
             logger.warning(message[name])
@@ -145,7 +147,7 @@ def test_known_noise_is_dropped_by_logger_and_message_only():
         other.warning(message['transformers.modeling_utils'])
     finally:
         other.removeHandler(handler)
-    assert seen == [(name, 'Some other warning') for name in demo.KNOWN_NOISE] + [
+    assert seen == [(name, 'Some other warning') for name in console.KNOWN_NOISE] + [
         ('transformers.generation.utils', message['transformers.modeling_utils'])
     ]
 
@@ -153,3 +155,20 @@ def test_known_noise_is_dropped_by_logger_and_message_only():
 def test_demo_reports_a_missing_yaml(tmp_path, capsys):
     assert demo.main(['--yaml', str(tmp_path / 'nope.yaml'), '--out', str(tmp_path / 'o')]) == 2
     assert 'Demo YAML not found' in capsys.readouterr().err
+
+
+def test_write_yaml_imports_no_torch_and_names_the_two_process_launch(tmp_path):
+    """``wesar-demo --write-yaml`` and ``--help`` import the light modules only (no torch, Composer, llm-foundry)."""
+    import subprocess
+    import sys
+
+    code = (
+        'import sys; from wesar_composer.tools import demo; '
+        f"assert demo.main(['--write-yaml', {str(tmp_path / 'demo.yaml')!r}]) == 0; "
+        "heavy = sorted(m for m in ('torch', 'composer', 'llmfoundry', 'omegaconf') if m in sys.modules); "
+        'print(heavy)'
+    )
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == '[]', done.stdout + done.stderr
+    assert 'OMP_NUM_THREADS=1 composer -n 2 -m llmfoundry.cli.cli train' in done.stdout
+    assert (tmp_path / 'demo.yaml').read_text() == demo.demo_yaml().read_text()

@@ -477,11 +477,11 @@ def build_config(
     setting, callbacks and logger."""
     from omegaconf import OmegaConf as om
 
-    from wesar_composer.tools import demo
+    from wesar_composer.tools.demo_yaml import load_config
 
     s = run_settings(spec, scale)
     shape = shapes[spec.shape]
-    cfg = demo.load_config(demo_yaml, [])
+    cfg = load_config(demo_yaml, [])
     container = cast(dict[str, Any], om.to_container(cfg, resolve=False))
     container['variables'].update(
         {

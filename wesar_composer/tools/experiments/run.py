@@ -109,9 +109,9 @@ def max_attention_logit(model: torch.nn.Module, batch) -> float:
 def _register_callbacks() -> None:
     from llmfoundry import registry
 
-    from wesar_composer.tools import demo
+    from wesar_composer.tools.progress import register_progress_callback
 
-    demo._register_progress_callback()
+    register_progress_callback()
     if RECORDER_CALLBACK not in registry.callbacks:
         registry.callbacks.register(RECORDER_CALLBACK, func=LossRecorder)
 
@@ -128,9 +128,9 @@ def _init_worker(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from wesar_composer.tools import demo
+    from wesar_composer.tools.console import quiet_known_noise
 
-    demo.quiet_known_noise()  # the rest of a run's output goes to its log file
+    quiet_known_noise()  # the rest of a run's output goes to its log file
 
 
 def run_one(
@@ -141,8 +141,9 @@ def run_one(
     out_dir: str,
     demo_yaml: Optional[str] = None,
 ) -> dict:
-    """Train one run through llm-foundry (``demo.train_one``) and return its :class:`Row` as a dict."""
-    from wesar_composer.tools import demo
+    """Train one run through llm-foundry (``tools.training.train_one``) and return its :class:`Row` as a dict."""
+    from wesar_composer.tools.mlflow_reads import update_ratio_gap
+    from wesar_composer.tools.training import train_one
 
     out = Path(out_dir)
     _register_callbacks()
@@ -151,7 +152,7 @@ def run_one(
     (out / 'logs').mkdir(parents=True, exist_ok=True)
     for attempt in range(3):
         try:
-            result = demo.train_one(cfg, spec.method, out / 'logs' / f'{spec.name}.log', tag=TAG, label=spec.name)
+            result = train_one(cfg, spec.method, out / 'logs' / f'{spec.name}.log', tag=TAG, label=spec.name)
             break
         except FileExistsError as e:
             # two processes that open streaming datasets at the same moment can pick the same
@@ -162,7 +163,7 @@ def run_one(
             time.sleep(1 + random.random() * 2)
     d_over_u_last = float('nan')
     if result.run_id is not None:
-        _, last = demo.update_ratio_gap(tracking_uri, result.run_id)
+        _, last = update_ratio_gap(tracking_uri, result.run_id)
         d_over_u_last = float('nan') if last is None else last
     record = json.loads((out / 'curves' / f'{spec.name}.json').read_text())
     losses = record['loss']
