@@ -15,7 +15,11 @@ Reads the keys that :class:`~wesar_composer.callbacks.UpdateRatioMonitor` logs a
 Several runs overlay with a legend outside the axes (for example the Small-init baseline and
 WeSaR); with no runs named, the newest run of each name in the store.
 
+    wesar-plot                                     # the demo YAML's store, ./runs/mlruns
     wesar-plot --tracking-uri ./mlruns --runs baseline wesar --out plots/
+
+Without ``--tracking-uri``: ``$MLFLOW_TRACKING_URI``, else the first of :data:`DEFAULT_STORES`
+that exists (``./runs/mlruns``, where the demo YAML logs, then MLflow's own ``./mlruns``).
 """
 
 from __future__ import annotations
@@ -376,12 +380,29 @@ def plot_runs(
     return written
 
 
+DEFAULT_STORES = ('./runs/mlruns', './mlruns')  # the demo YAML's store, then MLflow's default folder
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else the first of :data:`DEFAULT_STORES` that exists; an error naming both if none."""
+    if os.environ.get('MLFLOW_TRACKING_URI'):
+        return os.environ['MLFLOW_TRACKING_URI']
+    for folder in DEFAULT_STORES:
+        if os.path.isdir(folder):
+            return folder
+    raise FileNotFoundError(
+        f'No MLflow store in {" or ".join(DEFAULT_STORES)} (from {os.getcwd()}; the demo YAML logs to '
+        f'{DEFAULT_STORES[0]}, `wesar-demo` to runs/demo/mlruns): pass --tracking-uri.'
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='wesar-plot', description=cast(str, __doc__).split('\n\n')[0])
     parser.add_argument(
         '--tracking-uri',
-        default=os.environ.get('MLFLOW_TRACKING_URI', './mlruns'),
-        help='MLflow store: a local folder (default ./mlruns, or $MLFLOW_TRACKING_URI) or a server URI',
+        default=None,
+        help='MLflow store: a local folder or a server URI (default: $MLFLOW_TRACKING_URI, else '
+        f'the first of {", ".join(DEFAULT_STORES)} that exists)',
     )
     parser.add_argument(
         '--runs', nargs='*', default=(), help='run names or ids to overlay (default: the newest run of each name)'
@@ -396,7 +417,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--out', default='plots', help='folder for the PNGs (default: ./plots)')
     args = parser.parse_args(argv)
     try:
-        runs = load_runs(args.tracking_uri, args.runs, args.experiment)
+        runs = load_runs(args.tracking_uri or default_tracking_uri(), args.runs, args.experiment)
         notes: list[str] = []
         paths = plot_runs(runs, args.out, args.layer, args.stat, notes)
     except (KeyError, ValueError, FileNotFoundError) as err:
