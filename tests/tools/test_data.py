@@ -216,6 +216,25 @@ def test_tiny_mds_has_token_samples_from_the_right_split(tiny_mds):
     assert stats['train']['corpus_tokens'] >= stats['train']['mds_tokens']
 
 
+def test_cli_prints_each_token_count_once_and_named(tiny_mds, capsys):
+    """The build's progress line and the summary name the same two counts: the text's and the shards'."""
+    settings = tiny_mds.manifest['settings']
+    args = ['--output-dir', str(tiny_mds.root), '--vocab-size', str(settings['vocab_size'])]
+    args += ['--seq-len', str(settings['seq_len']), '--max-chars', str(settings['max_chars'])]
+    assert build_lib.main(args) == 0
+    printed = capsys.readouterr().out
+    for split in ('train', 'val'):
+        s = tiny_mds.manifest['stats'][split]
+        line = next(line for line in printed.splitlines() if line.startswith(f'{split}: '))
+        counts = build_lib.token_counts(s, tiny_mds.seq_len)  # also the build's `mds/{split}: ...` progress line
+        assert line.endswith(f'({s["documents"]} documents; {counts})')
+        assert f'{s["corpus_tokens"]:,} tokens of text' in counts
+        assert (
+            f'{s["mds_samples"]:,} samples x {tiny_mds.seq_len} = {s["mds_tokens"]:,} tokens in the MDS shards'
+            in counts
+        )
+
+
 def test_rebuild_is_a_no_op_and_other_settings_are_refused(tiny_mds):
     manifest_path = tiny_mds.root / 'manifest.json'
     shard = tiny_mds.train / 'shard.00000.mds'

@@ -42,8 +42,8 @@ __all__ = [
     'build_dataset',
     'require_dataset',
     'check_train_config',
-    'register_train_config_check',
     'default_output_dir',
+    'token_counts',
     'main',
 ]
 
@@ -226,6 +226,19 @@ def _convert_to_mds(text_dir: Path, out_dir: Path, tokenizer_dir: Path, seq_len:
     convert_text_to_mds.write_done_file(str(out_dir), f'concat_tokens={seq_len} eos_text={EOS_TOKEN}', names)
 
 
+def token_counts(split_stats: dict[str, Any], seq_len: int) -> str:
+    """The two token counts of a split, each named: the text's, and the MDS shards' (whole samples only).
+
+    The shards hold the documents joined by ``<|endoftext|>`` and cut into ``seq_len``-token
+    samples, the tail shorter than one sample left out: the two counts differ by those separators
+    and that tail.
+    """
+    return (
+        f'{split_stats["corpus_tokens"]:,} tokens of text -> {split_stats["mds_samples"]:,} samples x {seq_len} '
+        f'= {split_stats["mds_tokens"]:,} tokens in the MDS shards'
+    )
+
+
 def _build_into(
     tmp: Path,
     settings: dict,
@@ -269,7 +282,7 @@ def _build_into(
             'mds_samples': samples,
             'mds_tokens': samples * settings['seq_len'],
         }
-        progress(f'mds/{split}: {samples:,} samples x {settings["seq_len"]} tokens ({corpus_tokens:,} tokens of text)')
+        progress(f'mds/{split}: {token_counts(stats[split], settings["seq_len"])}')
         if samples == 0:
             raise ValueError(
                 f'The {split} split has too few tokens for one sample of seq_len={settings["seq_len"]}; '
@@ -390,9 +403,6 @@ def require_dataset(
     return _paths(root, manifest)
 
 
-CHECK_TRANSFORM = 'wesar_data_check'
-
-
 def check_train_config(cfg: dict) -> dict:
     """An llm-foundry config transform: a config whose tokenizer lies in ``variables.data_root``
     needs the dataset built there; otherwise stop before any work with :class:`DatasetMissingError`
@@ -406,14 +416,6 @@ def check_train_config(cfg: dict) -> dict:
             variables = cfg.get('variables') or {}
             require_dataset(root, variables.get('vocab_size'), variables.get('max_seq_len'))
     return cfg
-
-
-def register_train_config_check() -> None:
-    """Register :func:`check_train_config` with llm-foundry, which applies every registered config
-    transform at the start of ``train``. The demo YAML does it through ``code_paths``."""
-    from llmfoundry import registry
-
-    registry.config_transforms.register(CHECK_TRANSFORM, func=check_train_config)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -471,7 +473,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'tokenizer: {paths.tokenizer}')
     for split in SPLITS:
         s = stats[split]
-        print(f'{split}: {paths.split(split)}  ({s["documents"]} documents, {s["mds_tokens"]:,} tokens)')
+        print(f'{split}: {paths.split(split)}  ({s["documents"]} documents; {token_counts(s, paths.seq_len)})')
     return 0
 
 
