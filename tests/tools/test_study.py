@@ -77,7 +77,7 @@ def test_measures():
 
 def test_decision_rule_follows_the_numbers():
     helps = decisions(summarize(_study({'d64-L2': 0.05, 'base': 0.1, 'd64-L8': 0.2})))
-    assert 'WeSaR helps.' in helps[0] and 'at 3 of 3 depths' in helps[0] and 'growing' in helps[0]
+    assert 'WeSaR helps: a lower loss (1(a)).' in helps[0] and 'at 3 of 3 depths' in helps[0] and 'growing' in helps[0]
     assert 'The gates add nothing beyond the learning rates.' in helps[1]
     assert 'Not shown.' in helps[2]
     assert 'The control passes' in helps[3]

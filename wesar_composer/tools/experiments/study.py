@@ -251,6 +251,15 @@ def _gates_line(title: str, summary, shapes, missing_what: str) -> str:
     )
 
 
+def _helps(by_loss: bool, by_basin: bool) -> str:
+    """Rule 1's verdict, naming which part of it holds."""
+    if by_loss:
+        return 'WeSaR helps: a lower loss (1(a)).'
+    if by_basin:
+        return 'WeSaR helps by 1(b) only: a basin a half-decade wider on the grid, not a lower loss.'
+    return 'No evidence that WeSaR helps at this scale.'
+
+
 def decisions(summary) -> list[str]:
     """The decision rule of docs/reproduction.md, applied; one line per rule."""
     depths = [d for d in DEPTHS if (d, SMALL) in summary and (d, 'wesar_width') in summary]
@@ -268,12 +277,11 @@ def decisions(summary) -> list[str]:
     gap = {d: -x.delta for d, x in vs_small.items() if x}
     growing = gap['d64-L8'] > gap['d64-L2']
     wider = [d for d in depths if summary[(d, 'wesar_width')].basin >= summary[(d, SMALL)].basin + 1]
-    helps = (len(wins) >= 2 and growing) or len(wider) >= 2
     lines.append(
         f'1. WeSaR beats Small init by more than 2 SE at {len(wins)} of 3 depths ({", ".join(wins) or "none"}); '
         f'gap Small - WeSaR {gap["d64-L2"]:+.3f} (N 2), {gap["base"]:+.3f} (N 4), {gap["d64-L8"]:+.3f} (N 8), '
         f'{"growing" if growing else "not growing"} with N; basin wider by a half-decade or more at {len(wider)} of 3. '
-        f'**{"WeSaR helps." if helps else "No evidence that WeSaR helps at this scale."}**'
+        f'**{_helps(len(wins) >= 2 and growing, len(wider) >= 2)}**'
     )
     shapes = sorted({s for s, m in summary if m == 'wesar_width' and (s, 'matrix_lr') in summary})
     lines.append(_gates_line('2. WeSaR - per-matrix lr at each shape', summary, shapes, 'no SE at'))
