@@ -50,3 +50,10 @@ test: lint
 # The fast loop: everything but the integration runs (llm-foundry train path, several processes).
 test-fast: $(INSTALLED)
 	$(PYTEST) -m 'not slow' tests
+
+# The wheel bundle that scripts/gpu_check.sh installs offline on a GPU machine (Python 3.12 unless
+# GPU_PYTHON says otherwise); git-ignored, under the 64 MiB that such a machine is sent.
+GPU_PYTHON ?= 3.12
+.PHONY: gpu-bundle
+gpu-bundle: $(INSTALLED)
+	$(VENV)/bin/python scripts/gpu_bundle.py --python $(GPU_PYTHON)

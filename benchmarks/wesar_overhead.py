@@ -8,6 +8,7 @@ parameters, gradients and optimizer state plus the step's allocation peak (torch
 Variants:
   plain          the ungated model (llm-foundry's init)
   wesar          the product: the gate rides on the products (ScaledLinearFunction), a * W never formed
+  wesar-previous the product before the gate moved into autocast's cast of W (kept for before/after timing)
   weight-scaling the previous custom function: a * W formed in forward and again in backward
   wesar-autograd a * W by plain autograd (keeps a * W alive until backward)
   output-scaling a * (x W^T) by plain autograd (keeps the output for the gate's gradient)
@@ -28,15 +29,17 @@ import time
 
 import torch
 import torch.nn.functional as F
+from llmfoundry.models.layers.custom_embedding import SharedEmbedding
 
 from wesar_composer import apply_wesar
-from wesar_composer.algorithms.wesar.gated_modules import GatedLinear
+from wesar_composer.algorithms.wesar.gated_modules import GatedEmbedding, GatedLinear
+from wesar_composer.reparam.modules import _autocast_dtype, _columns, expand_rows
 
 SHAPES = {
     '130m': dict(d_model=768, n_heads=12, n_layers=12),
     '1.3b': dict(d_model=2048, n_heads=16, n_layers=24),
 }
-VARIANTS = ('plain', 'wesar', 'weight-scaling', 'wesar-autograd', 'output-scaling')
+VARIANTS = ('plain', 'wesar', 'wesar-previous', 'weight-scaling', 'wesar-autograd', 'output-scaling')
 
 
 def _flash_installed() -> bool:
@@ -103,12 +106,16 @@ def _llama(shape: str, seq_len: int):
 
 
 PRODUCT_FORWARD = GatedLinear.forward  # kept before any variant is swapped in
+EMBEDDING_FORWARD = GatedEmbedding.forward
 
 
 def set_gated_forward(variant: str) -> None:
-    """Swap GatedLinear.forward for one of the compared implementations."""
+    """Swap GatedLinear.forward for one of the compared implementations ('plain': the gates bypassed)."""
+    GatedEmbedding.forward = SharedEmbedding.forward if variant == 'plain' else EMBEDDING_FORWARD  # type: ignore[method-assign]
     forwards = {
+        'plain': lambda self, x: F.linear(x, self.weight, self.bias),
         'wesar': PRODUCT_FORWARD,
+        'wesar-previous': lambda self, x: _PreviousScaled.apply(x, self.weight, self.gate, self.bias, self.slice_sizes),
         'weight-scaling': lambda self, x: _WeightScaled.apply(x, self.weight, self.row_gates(), self.bias),
         'wesar-autograd': lambda self, x: F.linear(x, self.weight * self.row_gates(), self.bias),
         'output-scaling': lambda self, x: _output_scaled(self, x),
@@ -118,6 +125,69 @@ def set_gated_forward(variant: str) -> None:
 
 def _output_scaled(module: GatedLinear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, module.weight, module.bias) * module.row_gates().view(-1)
+
+
+class _PreviousScaled(torch.autograd.Function):
+    """The product before the gate moved into the cast (kept to time both in one run): s rounded to
+    the compute dtype before it scales W in place, x saved in float32, two passes over G."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scales, bias, slice_sizes):
+        ctx.slice_sizes = tuple(slice_sizes)
+        ctx.has_bias = bias is not None
+        ctx.scaled_weight = False
+        tokens, (d_out, d_in) = x.numel() // x.shape[-1], weight.shape
+        one = len(ctx.slice_sizes) == 1
+        sizes = {'y': tokens * d_out, 'w': d_out * d_in, 'x': tokens * d_in if one else float('inf')}
+        smallest = min(sizes, key=sizes.__getitem__)
+        cast = _autocast_dtype(x)
+        if smallest == 'w' and cast is not None and cast != weight.dtype:
+            scaled = weight.to(cast).mul_(expand_rows(scales, ctx.slice_sizes).to(cast))  # autocast's cast, scaled
+            ctx.save_for_backward(x, weight, scales, scaled)
+            ctx.scaled_weight = True
+            return F.linear(x, scaled, bias)
+        ctx.save_for_backward(x, weight, scales)
+        if smallest == 'y':
+            y = F.linear(x, weight)
+            y.mul_(_columns(scales, ctx.slice_sizes).to(y.dtype))
+            return y if bias is None else y.add_(bias.to(y.dtype))
+        if smallest == 'x':
+            return F.linear(x * scales.to(x.dtype), weight, bias)
+        return F.linear(x, weight * expand_rows(scales, ctx.slice_sizes).to(weight.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors  # x, W, s (and the scaled low-precision W under autocast)
+        x, weight, scales = saved[:3]
+        sizes = ctx.slice_sizes
+        need_x, need_w, need_s, need_b = ctx.needs_input_grad[:4]
+        compute_dtype = grad_out.dtype
+        flat_out = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_w = grad_s = grad_b = None
+        if need_x and ctx.scaled_weight:
+            grad_x = grad_out @ saved[3].to(compute_dtype)
+        elif need_x:
+            tokens, (d_out, d_in) = flat_out.shape[0], weight.shape
+            one = len(sizes) == 1
+            options = {'dx': tokens * d_in if one else float('inf'), 'dy': tokens * d_out, 'w': d_out * d_in}
+            smallest = min(options, key=options.__getitem__)
+            if smallest == 'dx':
+                grad_x = (grad_out @ weight.to(compute_dtype)).mul_(scales.to(compute_dtype))
+            elif smallest == 'dy':
+                grad_x = (grad_out * _columns(scales, sizes).to(compute_dtype)) @ weight.to(compute_dtype)
+            else:
+                grad_x = grad_out @ (weight * expand_rows(scales, sizes).to(weight.dtype)).to(compute_dtype)
+        if need_w or need_s:
+            grad_virtual = (flat_out.t() @ x.reshape(-1, x.shape[-1]).to(compute_dtype)).to(weight.dtype)
+            if need_s:
+                pairs = zip(grad_virtual.split(list(sizes)), weight.split(list(sizes)))
+                grad_s = torch.stack([torch.dot(g.reshape(-1), w.reshape(-1)) for g, w in pairs]).to(scales.dtype)
+                grad_s = grad_s.reshape(scales.shape)
+            if need_w:
+                grad_w = grad_virtual.mul_(expand_rows(scales, sizes).to(grad_virtual.dtype))
+        if need_b and ctx.has_bias:
+            grad_b = flat_out.sum(0)
+        return grad_x, grad_w, grad_s, grad_b, None
 
 
 class _WeightScaled(torch.autograd.Function):
@@ -168,13 +238,16 @@ def time_side_by_side(args) -> tuple[dict[str, float], dict[str, float], dict[st
     models = {}
     for v in variants:
         torch.manual_seed(0)
-        models[v] = build(v, args.shape, args.seq_len, args.device, args.arch)
+        if args.one_model and models:
+            models[v] = next(iter(models.values()))
+        else:
+            models[v] = build('wesar' if args.one_model else v, args.shape, args.seq_len, args.device, args.arch)
     batch = make_batch(args.batch_size, args.seq_len, args.device)
     times = {v: [] for v in variants}
     for i in range(args.warmup + args.steps):
         order = variants[i % len(variants) :] + variants[: i % len(variants)]  # rotate: no variant always first
         for v in order:
-            if v != 'plain':
+            if v != 'plain' or args.one_model:
                 set_gated_forward(v)
             elapsed = step(*models[v], batch, args.device)
             if i >= args.warmup:
@@ -182,7 +255,7 @@ def time_side_by_side(args) -> tuple[dict[str, float], dict[str, float], dict[st
     memory: dict[str, float] = {}
     if not args.skip_memory:
         for v in variants:
-            if v != 'plain':
+            if v != 'plain' or args.one_model:
                 set_gated_forward(v)
             memory[v] = peak_memory(*models[v], batch, args.device)
     ratios = {v: statistics.median(t / p for t, p in zip(times[v], times['plain'])) for v in variants}
@@ -231,6 +304,11 @@ def main() -> None:
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--variants', nargs='+', choices=VARIANTS[1:], default=list(VARIANTS[1:]))
     parser.add_argument('--skip-memory', action='store_true')
+    parser.add_argument(
+        '--one-model',
+        action='store_true',
+        help="one gated model for every variant, 'plain' with the gates bypassed: the memory of one model",
+    )
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
 

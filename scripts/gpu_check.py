@@ -3,10 +3,11 @@
 Stages, in this order, each in its own process with a share of ``--budget-s`` (a stage that
 runs out of time is reported as such and the next one starts):
 
-1. ``benchmarks/wesar_overhead.py --device cuda``: gated / plain step time and peak memory,
-   bf16 autocast, AdamW: Llama (PyTorch SDPA attention) at 130M (8 x 2048 tokens) and 1.3B
-   (4 x 2048: two 1.3B models with 8 x 2048 do not fit one H200 together), and llm-foundry's
-   MPT at 130M (``attn_impl: flash`` where flash-attn is installed, else ``torch``).
+1. ``benchmarks/wesar_overhead.py --device cuda --one-model``: gated / plain step time, bf16
+   autocast, AdamW, the current gate and the previous one (``wesar-previous``) interleaved in
+   one process on one model (plain = the gates bypassed, so a 1.3B model fits an 80 GB H100):
+   Llama (PyTorch SDPA attention) at 130M (8 x 2048 tokens) and 1.3B (4 x 2048), and
+   llm-foundry's MPT at 130M (``attn_impl: flash`` where flash-attn is installed, else ``torch``).
 2. llm-foundry's train path under ``composer -n 1`` on the demo YAML's model (d 128, 4 layers),
    WeSaR with the update-ratio monitor and the spike counter, ``init_device: meta``,
    ``precision: amp_bf16``, 20 batches:
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -52,20 +54,27 @@ class Budget:
 
 
 def sh(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> tuple[str, float]:
-    """Run ``cmd`` with its output in ``log``: ('ok' | 'exit N' | 'timeout', seconds)."""
+    """Run ``cmd`` with its output in ``log``: ('ok' | 'exit N' | 'timeout', seconds).
+
+    The command runs in a process group of its own; on a timeout the whole group is killed, so
+    that no worker a launcher started keeps the GPU.
+    """
     start = time.time()
     with open(log, 'w') as f:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})},
+            cwd=ROOT,
+            start_new_session=True,
+        )
         try:
-            proc = subprocess.run(
-                cmd,
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})},
-                timeout=max(timeout, 1),
-                cwd=ROOT,
-            )
-            result = 'ok' if proc.returncode == 0 else f'exit {proc.returncode}'
+            code = proc.wait(timeout=max(timeout, 1))
+            result = 'ok' if code == 0 else f'exit {code}'
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             result = 'timeout'
     return result, time.time() - start
 
@@ -100,17 +109,20 @@ def bench(out: Path, budget: Budget, rows: list, cases) -> None:
             '3',
             '--variants',
             'wesar',
+            'wesar-previous',
+            '--one-model',
+            '--skip-memory',
         ]
         result, seconds = sh(cmd, log, min(cap, budget.left() * 0.55))
         text = log.read_text(errors='replace')
-        plain = re.search(r'^plain\s+([\d.]+)\s+\S+\s*([\d.]*)', text, re.M)
-        gated = re.search(r'^wesar\s+([\d.]+)\s+([+-][\d.]+%)\s*([\d.]*)\s*([+-][\d.]+%)?', text, re.M)
-        if result == 'ok' and plain and gated:
-            note = f'plain {plain.group(1)} s, wesar {gated.group(1)} s; peak {gated.group(3)} MiB'
+        plain = re.search(r'^plain\s+([\d.]+)', text, re.M)
+        gated = re.search(r'^wesar\s+([\d.]+)\s+([+-][\d.]+%)', text, re.M)
+        previous = re.search(r'^wesar-previous\s+([\d.]+)\s+([+-][\d.]+%)', text, re.M)
+        if result == 'ok' and plain and gated and previous:
+            note = f'plain {plain.group(1)} s, wesar {gated.group(1)} s; previous gate {previous.group(2)}'
             rows.append(
                 (f'step time {arch} {shape}, {batch} x 2048, bf16', 'ok', f'{seconds:.0f}', gated.group(2), note)
             )
-            rows.append((f'peak memory {arch} {shape} (both models resident)', 'ok', '', gated.group(4) or '', ''))
         else:
             rows.append(
                 (f'step time {arch} {shape}, {batch} x 2048, bf16', result, f'{seconds:.0f}', '', last_error(log))
