@@ -227,7 +227,8 @@ def test_cli_prints_each_token_count_once_and_named(tiny_mds, capsys):
         s = tiny_mds.manifest['stats'][split]
         line = next(line for line in printed.splitlines() if line.startswith(f'{split}: '))
         counts = build_lib.token_counts(s, tiny_mds.seq_len)  # also the build's `mds/{split}: ...` progress line
-        assert line.endswith(f'({s["documents"]} documents; {counts})')
+        documents = f'{s["documents"]} document' + ('' if s['documents'] == 1 else 's')
+        assert line.endswith(f'({documents}; {counts})')
         assert f'{s["corpus_tokens"]:,} tokens of text' in counts
         assert (
             f'{s["mds_samples"]:,} samples x {tiny_mds.seq_len} = {s["mds_tokens"]:,} tokens in the MDS shards'

@@ -473,7 +473,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'tokenizer: {paths.tokenizer}')
     for split in SPLITS:
         s = stats[split]
-        print(f'{split}: {paths.split(split)}  ({s["documents"]} documents; {token_counts(s, paths.seq_len)})')
+        print(
+            f'{split}: {paths.split(split)}  ({s["documents"]} document{"" if s["documents"] == 1 else "s"}; {token_counts(s, paths.seq_len)})'
+        )
     return 0
 
 
