@@ -53,6 +53,7 @@ class TrafficCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.bytes_by_op: Counter[str] = Counter()
+        self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -62,6 +63,7 @@ class TrafficCounter(TorchDispatchMode):
             inputs = tree_flatten((args, {k: v for k, v in kwargs.items() if k not in out_args}))[0]
             outputs = tree_flatten(out)[0]
             self.bytes_by_op[func.overloadpacket.__name__] += _nbytes(inputs) + _nbytes(outputs)
+            self.calls += 1
         return out
 
 
@@ -90,14 +92,16 @@ def build(gated: bool, d_model: int, n_layers: int, vocab: int, seq_len: int, pu
 
 
 def count(model, batch: dict, pure: bool) -> Counter[str]:
-    """Bytes by op of one forward and backward (gradients start empty, as at the first microbatch)."""
+    """Bytes by op of one forward and backward (gradients start empty, as at the first microbatch).
+
+    The number of ops (kernels, on a GPU) that moved them is under the key ``'(ops)'``."""
     model.zero_grad(set_to_none=True)
     counter = TrafficCounter()
     with counter, torch.autocast('cpu', dtype=torch.bfloat16, enabled=not pure):
         loss = model.loss(model(batch), batch)
     with counter:
         loss.backward()
-    return counter.bytes_by_op
+    return Counter({**counter.bytes_by_op, '(ops)': counter.calls})
 
 
 def weight_elements(model) -> int:
@@ -128,6 +132,7 @@ def main() -> None:
     assert any(isinstance(m, GatedLinear) for m in gated.modules())
     elements = weight_elements(plain)
     plain_bytes, gated_bytes = count(plain, batch, args.pure), count(gated, batch, args.pure)
+    plain_ops, gated_ops = plain_bytes.pop('(ops)'), gated_bytes.pop('(ops)')
     extra = sum(gated_bytes.values()) - sum(plain_bytes.values())
     mode = 'bf16 parameters, no autocast' if args.pure else 'fp32 parameters, bf16 autocast'
     print(
@@ -137,6 +142,7 @@ def main() -> None:
     print(f'plain: {sum(plain_bytes.values()) / elements:.2f} B per weight element')
     print(f'gated: {sum(gated_bytes.values()) / elements:.2f} B per weight element')
     print(f'extra: {extra / elements:+.2f} B per weight element per microbatch')
+    print(f'ops (kernels): plain {plain_ops}, gated {gated_ops} ({gated_ops - plain_ops:+d})')
     diff = {op: gated_bytes[op] - plain_bytes[op] for op in set(gated_bytes) | set(plain_bytes)}
     for op, delta in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[: args.top]:
         if delta:
