@@ -173,6 +173,19 @@ def test_logged_keys_and_the_post_mortem_line_beside_the_monitor(caplog):
     assert memory.data['update_ratio/max'][BAD][1] == 0.0  # the skipped step moved nothing
 
 
+def test_a_loss_that_stays_high_is_skipped_max_consecutive_times_then_the_guard_gives_way(caplog):
+    guard = SpikeGuard(min_history=3, max_consecutive=2)
+    with caplog.at_level(logging.WARNING, logger=GUARD_LOG):
+        _, snaps, _ = fit(guard, batches=10, bad=range(BAD, 10))
+    assert [r['batch'] for r in guard.skipped_batches] == [BAD + 1, BAD + 2]  # then it steps again
+    assert not _same(snaps.before[BAD + 2][0], snaps.after[BAD + 2][0])
+    assert any(
+        'max_consecutive=2' in r.getMessage() and 'update applied (action: skip)' in r.getMessage()
+        for r in caplog.records
+    )
+    assert guard.skipped == 2  # the window started again at the new level: no outlier after it
+
+
 def test_not_finite_loss_is_skipped_from_the_first_batch():
     class NaNFirst(Callback):
         def after_loss(self, state, logger):
@@ -243,6 +256,11 @@ def test_state_survives_a_checkpoint():
         ({'max_skips': 0, 'action': 'stop'}, 'spike_guard: max_skips must be an integer >= 1, got 0'),
         ({'max_skips': 3}, "spike_guard: max_skips applies to action 'stop' only; got max_skips=3 with action 'skip'"),
         ({'grad_norm': 'yes'}, "spike_guard: grad_norm must be true or false, got 'yes'"),
+        ({'max_consecutive': 0}, 'spike_guard: max_consecutive must be an integer >= 1, got 0'),
+        (
+            {'max_consecutive': 3, 'action': 'log'},
+            "spike_guard: max_consecutive applies to action 'skip' only; got max_consecutive=3 with action 'log'",
+        ),
     ],
 )
 def test_bad_values_are_refused_when_built(kwargs, message):

@@ -63,9 +63,11 @@ def ratio_rise(
     """Each matrix's ratio at the last kept step before ``before_batch`` over its median at the kept steps before that.
 
     The loss of batch b is computed with the weights of steps 1 .. b-1, so the steps that can
-    explain a spike at batch b are those before it. None when fewer than two steps are kept.
+    explain a spike at batch b are those before it. Steps that moved no weight at all (a
+    learning rate of 0 in the first warmup steps, a batch the spike guard skipped) say nothing
+    about a matrix's usual update and are left out. None when fewer than two steps remain.
     """
-    entries = [(s, r) for s, r in history if before_batch is None or s < before_batch]
+    entries = [(s, r) for s, r in history if (before_batch is None or s < before_batch) and any(x > 0 for x in r)]
     if len(entries) < 2:
         return None
     (step, latest), earlier = entries[-1], entries[:-1]
@@ -96,13 +98,17 @@ def post_mortem_text(monitor: Any, batch: int, names: int) -> tuple[str, Optiona
     rise = monitor.ratio_rise(before_batch=batch)
     if rise is None:
         return (
-            f' Update ratios: fewer than two logged steps before batch {batch:,} '
+            f' Update ratios: fewer than two logged steps that moved weights before batch {batch:,} '
             f'(log_interval {monitor.log_interval}), nothing to compare.'
         ), None
     risen = rise.risen(names)
-    head = f' Update ratios at step {rise.step:,} against the median of steps {rise.span}:'
+    against = f'step {rise.span}' if len(rise.baseline_steps) == 1 else f'the median of steps {rise.span}'
+    head = f' Update ratios at step {rise.step:,} against {against}:'
     if risen:
-        named = ', '.join(f'{key} x{value:.3g} ({ratio:.3g})' for key, value, ratio, _ in risen)
+        named = ', '.join(
+            f'{key} from 0 to {ratio:.3g}' if math.isinf(value) else f'{key} x{value:.3g} ({ratio:.3g})'
+            for key, value, ratio, _ in risen
+        )
         head += f' rose most {named}.'
     else:
         key, value, _, _ = next((row for row in rise.rows if not math.isnan(row[1])), rise.rows[0])

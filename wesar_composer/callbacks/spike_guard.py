@@ -29,10 +29,13 @@ DEFAULT_ACTION = 'skip'
 DEFAULT_RULE = 'zscore'
 DEFAULT_THRESHOLD = 6.0
 DEFAULT_WINDOW = 128
-# OLMo-core waits for half its window; the median and MAD are already stable on a few values, and a
-# divergence in the first steps (often during warmup) is the one to catch.
-DEFAULT_MIN_HISTORY = 8
+# OLMo-core waits for half its window (64 steps); the median of 3 values already ignores one outlier,
+# and a divergence in the first steps (often during warmup) must not enter the window unseen.
+DEFAULT_MIN_HISTORY = 3
 DEFAULT_MAX_SKIPS = 4  # 'stop': skipped batches before the run ends (KillLossSpike's patience is 4 batches)
+# 'skip': outlier batches in a row after which the loss is taken to be high because of the weights, not of
+# a batch (skipping more would freeze the run): the update is applied and the window starts again.
+DEFAULT_MAX_CONSECUTIVE = 8
 DEFAULT_NAME_MATRICES = 5
 SKIPPED_TABLE = 'spike_guard/skipped_batches'
 SKIPPED_COLUMNS = ['batch', 'epoch', 'first_sample_in_epoch', 'last_sample_in_epoch', 'loss', 'reason']
@@ -69,10 +72,13 @@ class SpikeGuard(CheckedHparams, Callback):
 
     Actions: ``log`` writes a warning and lets the step happen; ``skip`` skips the update;
     ``stop`` skips it too and ends the run (``state.stop_training()``, a normal end with
-    checkpoints) once ``max_skips`` batches were skipped, naming them. Every outlier batch is
+    checkpoints) once ``max_skips`` batches were skipped, naming them. A loss that stays high
+    batch after batch is that of the weights, not of a batch: after ``max_consecutive`` skipped
+    batches in a row, ``skip`` applies the update, says so, and starts its window again (skipping
+    on would freeze the run). Every outlier batch is
     written in the run's log on a line of its own (batch, loss against the window, the
     learning-rate phase, and the update-ratio post-mortem when an ``update_ratio_monitor`` runs
-    beside it); skipped batches are logged as a table ``spike_guard/skipped_batches`` with the
+    beside it; inside a run of consecutive outliers, at its 1st, 2nd, 4th, 8th, ... batch); skipped batches are logged as a table ``spike_guard/skipped_batches`` with the
     positions of their samples in the epoch's order (Composer's ``sample_in_epoch``, counted over
     all ranks), so that the data can be looked at, or left out on resume.
 
@@ -94,9 +100,11 @@ class SpikeGuard(CheckedHparams, Callback):
         threshold: robust standard deviations above the median (``zscore``, default 6) or a
             multiple of the median above 1 (``ratio``).
         window: non-outlier values whose median is the reference (>= 2). Default 128.
-        min_history: values seen before detection starts (2 to ``window``). Default 8.
+        min_history: values seen before detection starts (2 to ``window``). Default 3.
         grad_norm: also test the global gradient norm (before clipping). Default False.
         max_skips: with ``action: stop``, skipped batches before the run ends (>= 1). Default 4.
+        max_consecutive: with ``action: skip``, outlier batches in a row that are skipped before
+            the guard gives way (>= 1). Default 8.
         name_matrices: matrices named in the post-mortem line (0: none). Default 5.
     """
 
@@ -109,6 +117,7 @@ class SpikeGuard(CheckedHparams, Callback):
         min_history: int = DEFAULT_MIN_HISTORY,
         grad_norm: bool = False,
         max_skips: Optional[int] = None,
+        max_consecutive: Optional[int] = None,
         name_matrices: int = DEFAULT_NAME_MATRICES,
     ):
         check_choice(OWNER, 'action', action, ACTIONS)
@@ -121,6 +130,13 @@ class SpikeGuard(CheckedHparams, Callback):
                     f"{OWNER}: max_skips applies to action 'stop' only; got max_skips={max_skips!r} with action {action!r}."
                 )
             check_positive_int(OWNER, 'max_skips', max_skips)
+        if max_consecutive is not None:
+            if action != 'skip':
+                raise ValueError(
+                    f"{OWNER}: max_consecutive applies to action 'skip' only; got max_consecutive={max_consecutive!r} "
+                    f'with action {action!r}.'
+                )
+            check_positive_int(OWNER, 'max_consecutive', max_consecutive)
         check_positive_int(OWNER, 'name_matrices', name_matrices, minimum=0)
         self.action = action
         self.rule = rule
@@ -129,6 +145,7 @@ class SpikeGuard(CheckedHparams, Callback):
         self.min_history = min_history
         self.grad_norm = grad_norm
         self.max_skips = max_skips if max_skips is not None else DEFAULT_MAX_SKIPS
+        self.max_consecutive = max_consecutive if max_consecutive is not None else DEFAULT_MAX_CONSECUTIVE
         self.name_matrices = name_matrices
         self.loss_detector = SpikeDetector(OWNER, rule, threshold, window, min_history)
         self.grad_detector = SpikeDetector(OWNER, rule, threshold, window, min_history)
@@ -143,6 +160,7 @@ class SpikeGuard(CheckedHparams, Callback):
         self._device: Any = None
         self._lrs: deque[float] = deque(maxlen=2)
         self._checked = False  # whether the step of the batch in progress went through the guard
+        self._run = 0  # consecutive outlier batches up to this one
 
     # --- Composer events -------------------------------------------------------------------
 
@@ -245,17 +263,28 @@ class SpikeGuard(CheckedHparams, Callback):
         self._score = loss_verdict.score
         outlier = loss_verdict.outlier or bool(grad_verdict and grad_verdict.outlier)
         if not outlier:
+            self._run = 0
             self.loss_detector.values.append(mean_loss)
             if grad_verdict is not None:
                 self.grad_detector.values.append(grad_verdict.value)
             return True
         self.outliers += 1
+        self._run += 1
         reasons = (
             [f'loss {self.loss_detector.describe(loss_verdict, "accepted losses")}'] if loss_verdict.outlier else []
         )
         if grad_verdict is not None and grad_verdict.outlier:
             reasons.append(f'gradient norm {self.grad_detector.describe(grad_verdict, "accepted norms")}')
         skip = self.action != 'log'
+        if self.action == 'skip' and self._run > self.max_consecutive:
+            skip = False
+            reasons.append(
+                f'{self._run} outlier batches in a row (max_consecutive={self.max_consecutive}): the loss stays high with '
+                'these weights, whatever the batch, so this update is applied and the window starts again from here'
+            )
+            self._run = 0
+            self.loss_detector.values.clear()
+            self.grad_detector.values.clear()
         self.skipped += int(skip)
         self._pending = {'loss': mean_loss, 'reason': '; '.join(reasons), 'skipped': skip}
         return not skip
@@ -286,14 +315,19 @@ class SpikeGuard(CheckedHparams, Callback):
         text = ''
         if self.name_matrices:
             text, _ = post_mortem_text(find_monitor(state), batch, self.name_matrices)
-        did = 'update skipped' if pending['skipped'] else 'update applied (action: log)'
-        emit(
-            log,
-            logging.WARNING,
-            f'batch {batch:,}: outlier{lr_phase(self._lrs)}, {did} ({self.skipped} skipped so far): '
-            f'{pending["reason"]}. Samples {first:,}-{last:,} of epoch {epoch}.{text}',
-            logger.destinations,
+        did = 'update skipped' if pending['skipped'] else f'update applied (action: {self.action})'
+        run = self._run
+        streak = f', {run} outlier batches in a row' if run > 1 else ''
+        line = (
+            f'batch {batch:,}: outlier{lr_phase(self._lrs)}{streak}, {did} ({self.skipped} skipped so far): '
+            f'{pending["reason"]}. Samples {first:,}-{last:,} of epoch {epoch}.'
         )
+        if (
+            run & (run - 1) and pending['skipped']
+        ):  # inside a run of outliers, a warning at 1, 2, 4, 8, ... batches; the rest at debug
+            log.debug(line)
+        else:
+            emit(log, logging.WARNING, line + text, logger.destinations)
         if not pending['skipped']:
             return
         record = {
