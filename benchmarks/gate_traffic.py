@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from wesar_composer import apply_wesar
-from wesar_composer.algorithms.wesar.gated_modules import GatedEmbedding, GatedLinear
+from wesar_composer.algorithms.wesar.modules import GatedEmbedding, GatedLinear
 
 _UNMARKED_VIEWS = {'_unsafe_view', 'lift_fresh'}  # views whose schema does not say so
 _ALLOCATIONS = {'empty', 'empty_like', 'empty_strided', 'new_empty', 'new_empty_strided'}  # nothing read or written

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from llmfoundry.models.layers.custom_embedding import SharedEmbedding
 
 from wesar_composer import apply_wesar
-from wesar_composer.algorithms.wesar.gated_modules import GatedEmbedding, GatedLinear
+from wesar_composer.algorithms.wesar.modules import GatedEmbedding, GatedLinear
 from wesar_composer.reparam.modules import _autocast_dtype, _columns, expand_rows
 
 SHAPES = {

@@ -26,7 +26,14 @@ from llmfoundry.utils.builders import build_algorithm, build_callback
 from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tests.algorithms.algorithm_settings import ALL, MODEL_CHANGING, SETTINGS, AlgorithmSettings, settings_params
+from tests.algorithms.algorithm_settings import (
+    ALL,
+    MODEL_CHANGING,
+    REGISTERED,
+    SETTINGS,
+    AlgorithmSettings,
+    settings_params,
+)
 from tests.common import TokenBatches, mpt, token_batch
 from wesar_composer import LossSpikeCounter, UpdateRatioMonitor, WeSaR, ZLoss, merge_reparameterization
 from wesar_composer.algorithms.sigma_reparam import request_power_iteration
@@ -152,6 +159,36 @@ def test_llmfoundry_registry_cli_finds_every_algorithm():
     assert [s.split(maxsplit=1)[0] for s in sections] == ALL
     for key, section in zip(ALL, sections):
         assert f'wesar_composer.algorithms.{key}' in section, section
+
+
+def test_every_registered_algorithm_has_a_row():
+    assert REGISTERED, 'no llmfoundry_algorithms entry point of wesar_composer: is the package installed?'
+    assert set(REGISTERED) == set(SETTINGS), (
+        'a registered algorithm without a settings row, or a row without entry point'
+    )
+
+
+# The repr each algorithm stored in checkpoints before its hyperparameters moved into one config:
+# Composer keeps it under the checkpoint's `algorithms`, and the resume guard reads it back.
+STORED_REPRS = {
+    'wesar': "WeSaR(sigma_squared=4e-05, backbone='he', trainable_gates=True, gate_weight_decay=0.0, "
+    "embedding_scaling=True, role_map={'x': 'q'}, init_mode='auto', sigma_reference_width=None)",
+    'paper_init': "PaperInit(backbone='small', embedding_scaling=True, role_map=None, init_mode='auto', "
+    'matrix_lr_sigma_squared=None)',
+    'weight_norm': 'WeightNorm(sigma_squared=0.00016, embedding_scaling=True, gain_weight_decay=0.0, role_map=None, '
+    "init_mode='auto')",
+    'sigma_reparam': 'SigmaReparam(sigma_squared=0.00064, embedding_scaling=True, gate_weight_decay=0.0, '
+    "role_map=None, init_mode='auto')",
+    'residual_scaling': "ResidualScaling(backbone='small', embedding_scaling=True, role_map=None, init_mode='auto')",
+}
+
+
+@pytest.mark.parametrize('key', sorted(STORED_REPRS))
+def test_repr_stored_by_earlier_checkpoints_still_builds_the_same_algorithm(key):
+    cls = SETTINGS[key].algorithm_cls
+    rebuilt = eval(STORED_REPRS[key], {cls.__name__: cls})
+    assert repr(rebuilt) == STORED_REPRS[key]
+    assert repr(cls(**rebuilt.config.as_kwargs())) == STORED_REPRS[key]
 
 
 @pytest.mark.parametrize('settings', settings_params())

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tests.common import mpt
 from wesar_composer import apply_wesar
 from wesar_composer.algorithms.wesar import GatedEmbedding, GatedLinear
-from wesar_composer.algorithms.wesar.gated_modules import refresh_nonzero_gates
+from wesar_composer.algorithms.wesar.modules import refresh_nonzero_gates
 from wesar_composer.reparam.modules import ScaledLinearFunction, expand_rows
 
 SLICES = {'one': (12,), 'gqa': (8, 2, 2)}  # a plain projection; fused q, k, v with GQA widths

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from llmfoundry.utils.builders import build_algorithm
 from torch import nn
 
+from tests.algorithms.algorithm_settings import SETTINGS
 from tests.common import mpt
 from wesar_composer import (
     ResidualScaling,
@@ -36,11 +37,7 @@ from wesar_composer.algorithms.weight_norm import WeightNormEmbedding, WeightNor
 from wesar_composer.algorithms.weight_norm.modules import row_norms
 
 TINY = dict(d_model=64, n_heads=4, n_layers=3, vocab_size=256, max_seq_len=32)
-APPLY = {
-    'weight_norm': apply_weight_norm,
-    'sigma_reparam': apply_sigma_reparam,
-    'residual_scaling': apply_residual_scaling,
-}
+APPLY = {key: SETTINGS[key].apply for key in ('weight_norm', 'sigma_reparam', 'residual_scaling')}
 
 
 def tiny(seed=0, **kwargs):

@@ -13,8 +13,8 @@ functional ``apply_x``:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Optional
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Optional
 
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
@@ -24,23 +24,46 @@ from torch import nn
 from torch.optim import Optimizer
 
 from wesar_composer.reparam.checkpoints import CheckedLoadPlanner, check_sharded_checkpoint, guard_model_loads
-from wesar_composer.reparam.checks import CheckedHparams
+from wesar_composer.reparam.config import ReparamConfig
 from wesar_composer.reparam.fold import export_merged, reparameterized_modules
 from wesar_composer.reparam.pretrained import any_rank, pretrained_model_name, resolve_init_mode
 
 __all__ = ['ReparamAlgorithm']
 
 
-class ReparamAlgorithm(CheckedHparams, Algorithm):
-    """Base of the algorithms that change the model at ``Event.INIT``; subclasses implement :meth:`apply_to`.
+class ReparamAlgorithm(Algorithm):
+    """Base of the algorithms that change the model at ``Event.INIT``, derived from their config.
 
-    Subclasses set ``method`` (the registry key) and ``init_modes``, keep their hyperparameters
-    as attributes (``init_mode`` among them) and list them in ``__repr__``.
+    A subclass sets ``config_class`` (its :class:`~wesar_composer.reparam.config.ReparamConfig`)
+    and ``apply_config`` (its functional form, ``(model, optimizers, config, seed) -> model``).
+    ``__init__`` takes the config's fields (by keyword, or by position in their order) and
+    validates them once; ``__repr__`` lists them (what Composer stores in a checkpoint's
+    ``algorithms``); each field reads as an attribute (``WeSaR().backbone``).
     """
 
-    method: str = ''
-    init_modes: tuple[str, ...] = ('auto', 'reinit')
-    init_mode: str = 'auto'
+    config_class: ClassVar[type[ReparamConfig]] = ReparamConfig
+    apply_config: ClassVar[Callable[..., nn.Module]]
+
+    def __init__(self, *args: Any, **hparams: Any):
+        self.config = self.config_class.from_kwargs(*args, **hparams)
+
+    def __getattr__(self, name: str) -> Any:
+        config = self.__dict__.get('config')
+        if config is not None and name in config.names():
+            return getattr(config, name)
+        raise AttributeError(f'{type(self).__name__!r} object has no attribute {name!r}')
+
+    @property
+    def method(self) -> str:
+        return self.config_class.method
+
+    @property
+    def init_modes(self) -> tuple[str, ...]:
+        return self.config_class.init_modes
+
+    def __repr__(self) -> str:
+        fields = ', '.join(f'{name}={value!r}' for name, value in self.config.as_kwargs().items())
+        return f'{type(self).__name__}({fields})'
 
     @staticmethod
     def required_on_load() -> bool:
@@ -75,5 +98,5 @@ class ReparamAlgorithm(CheckedHparams, Algorithm):
         init_mode: str,
         seed: int,
     ) -> Any:
-        """Call the algorithm's functional form with this object's hyperparameters."""
-        raise NotImplementedError
+        """The functional form with this object's config, ``init_mode`` resolved for this run."""
+        return type(self).apply_config(model, optimizers, self.config.replace(init_mode=init_mode), seed)

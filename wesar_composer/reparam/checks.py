@@ -27,10 +27,7 @@ __all__ = [
     'check_choice',
     'check_role_map',
     'check_optimizers',
-    'INIT_MODES',
 ]
-
-INIT_MODES = ('auto', 'reinit', 'preserve')
 
 
 class CheckedHparams:

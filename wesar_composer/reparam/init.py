@@ -13,13 +13,25 @@ kind of device.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Sequence
 from typing import Optional
 
 import torch
+from torch import nn
 
-__all__ = ['matrix_seed', 'draw_base_seed', 'normal_like', 'write_', 'full_tensor', 'local_tensor', 'is_dtensor']
+__all__ = [
+    'matrix_seed',
+    'draw_base_seed',
+    'normal_like',
+    'write_',
+    'full_tensor',
+    'local_tensor',
+    'is_dtensor',
+    'MatrixInit',
+    'init_matrix',
+]
 
 _SEED_MODULUS = 2**63 - 1
 
@@ -87,3 +99,44 @@ def write_(param: torch.Tensor, values: torch.Tensor) -> None:
     else:
         values = values.to(device=param.device, dtype=param.dtype)
     param.copy_(values)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixInit:
+    """How a plain matrix is drawn: N(0, std^2) per row slice, from its own seed.
+
+    Kept on the module (``MatrixInit.ATTR``) by the algorithms that initialize without
+    replacing the module (paper_init, residual_scaling), so that Composer's materialization of
+    a meta model draws the same values later.
+    """
+
+    ATTR = 'matrix_init'
+
+    slice_sizes: tuple[int, ...]
+    stds: tuple[float, ...]
+    seed: int
+
+    def scaled(self, factor: float) -> MatrixInit:
+        return dataclasses.replace(self, stds=tuple(std * factor for std in self.stds))
+
+    def mark(self, module: nn.Module) -> None:
+        setattr(module, self.ATTR, self)
+
+    @classmethod
+    def of(cls, module: nn.Module) -> Optional[MatrixInit]:
+        return getattr(module, cls.ATTR, None)
+
+
+@torch.no_grad()
+def init_matrix(module: nn.Module) -> bool:
+    """Draw ``module``'s weight from its :class:`MatrixInit` (bias and padding row zero); False if it has none."""
+    spec = MatrixInit.of(module)
+    if spec is None:
+        return False
+    values = normal_like(module.weight, spec.stds, spec.seed, spec.slice_sizes)
+    if getattr(module, 'padding_idx', None) is not None:
+        values[module.padding_idx].zero_()
+    write_(module.weight, values)
+    if getattr(module, 'bias', None) is not None:
+        write_(module.bias, torch.zeros(module.bias.shape))
+    return True

@@ -20,7 +20,7 @@ import torch
 from composer.utils import dist
 from torch import nn
 
-from wesar_composer.reparam.checks import INIT_MODES, check_choice
+from wesar_composer.reparam.checks import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def resolve_init_mode(
     method: str,
     init_mode: str,
     model: nn.Module,
-    modes: tuple[str, ...] = INIT_MODES,
+    modes: tuple[str, ...],
     pretrained: bool | None = None,
 ) -> str:
     """'reinit' or 'preserve' for ``model``; raises for 'auto' on a pretrained model.

@@ -1,4 +1,4 @@
-"""Token embedding with embedding scaling: ``W_e[x] * scale`` with ``scale = 1 / std(W_e)``."""
+"""paper_init's module: the token embedding with embedding scaling, ``W_e[x] * scale`` with ``scale = 1 / std(W_e)``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import torch
 from llmfoundry.models.layers.custom_embedding import SharedEmbedding
 
 from wesar_composer.reparam.modules import Reparameterized
+
+__all__ = ['ScaledEmbedding', 'METHOD']
+
+METHOD = 'paper_init'
 
 
 class ScaledEmbedding(Reparameterized, SharedEmbedding):
@@ -20,7 +24,7 @@ class ScaledEmbedding(Reparameterized, SharedEmbedding):
     W_e unscaled. Its weights are drawn by paper_init (``reset_parameters`` is the embedding's own).
     """
 
-    reparam_method = 'paper_init'
+    reparam_method = METHOD
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *args, output_scale: float = 1.0, **kwargs):
         super().__init__(num_embeddings, embedding_dim, *args, **kwargs)

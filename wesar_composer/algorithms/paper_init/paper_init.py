@@ -16,77 +16,70 @@ These are the stds WeSaR's virtual parameters a_r * W start from (same role disc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Optional, Union
 
-import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from wesar_composer.algorithms.paper_init.scaled_embedding import ScaledEmbedding
+from wesar_composer.algorithms.paper_init.modules import METHOD, ScaledEmbedding
 from wesar_composer.reparam.algorithm import ReparamAlgorithm
-from wesar_composer.reparam.checks import check_bool, check_choice, check_optimizers, check_positive, check_role_map
-from wesar_composer.reparam.init import draw_base_seed, matrix_seed, normal_like, write_
+from wesar_composer.reparam.checks import check_bool, check_choice, check_optimizers, check_positive
+from wesar_composer.reparam.config import ReparamConfig
+from wesar_composer.reparam.init import MatrixInit, draw_base_seed, init_matrix, matrix_seed
 from wesar_composer.reparam.surgery import adopt, discover, is_meta, route_param_init_fn, swap_modules
-from wesar_composer.roles import BACKBONES, MatrixSpec, backbone_std, embedding_std, find_matrices, model_shape
+from wesar_composer.roles import BACKBONES, MatrixSpec, backbone_std, embedding_std
 
 log = logging.getLogger(__name__)
 
-__all__ = ['PaperInit', 'apply_paper_init', 'paper_init_stds']
+__all__ = ['PaperInit', 'PaperInitConfig', 'apply_paper_init']
 
 DEFAULT_BACKBONE = 'small'  # the paper's baseline ("Small Init."); 'he' is the Table 7 ablation
-INIT_ATTR = '_paper_init'  # (slice sizes, stds, seed) on each matrix; read again when a meta model is materialized
-METHOD = 'paper_init'
-INIT_MODES = ('auto', 'reinit')  # an initialization has nothing to preserve
 
 
-def check_backbone(backbone: str) -> None:
-    check_choice('backbone', backbone, BACKBONES)
+@dataclasses.dataclass(frozen=True)
+class PaperInitConfig(ReparamConfig):
+    """paper_init's hyperparameters.
 
+    Args:
+        backbone: ``'small'`` (s_r = sqrt(2/(5d))) or ``'he'`` (s_r = gain/sqrt(d_in)); o and d / sqrt(2N).
+        embedding_scaling: multiply the embedding output by 1 / std(W_e) (default on, as in the paper).
+        role_map: extra ``{regex: role}`` entries for architectures the default map misses.
+        init_mode: ``'auto'`` (default: refuse pretrained weights) or ``'reinit'`` (discard them).
+        matrix_lr_sigma_squared: if set, each matrix's learning rate times s_r / sigma (see
+            :func:`apply_paper_init`): the steps of WeSaR with fixed gates, without the gates.
+    """
 
-def check_hparams(
-    backbone: str,
-    embedding_scaling: bool,
-    role_map,
-    init_mode: str,
-    matrix_lr_sigma_squared: Optional[float] = None,
-) -> None:
-    check_backbone(backbone)
-    check_bool('embedding_scaling', embedding_scaling)
-    check_role_map(role_map)
-    check_choice('init_mode', init_mode, INIT_MODES)
-    if matrix_lr_sigma_squared is not None:
-        check_positive('matrix_lr_sigma_squared', matrix_lr_sigma_squared)
+    method = METHOD
 
+    backbone: str = DEFAULT_BACKBONE
+    embedding_scaling: bool = True
+    role_map: Optional[dict[str, str]] = None
+    init_mode: str = 'auto'
+    matrix_lr_sigma_squared: Optional[float] = None
 
-def paper_init_stds(
-    model: nn.Module,
-    backbone: str = DEFAULT_BACKBONE,
-    role_map: Optional[Mapping[str, str]] = None,
-) -> list[tuple[MatrixSpec, tuple[float, ...]]]:
-    """Every weight matrix of ``model`` with its Table 1 std, one per output slice (q, k, v of a fused Wqkv)."""
-    check_backbone(backbone)
-    shape = model_shape(model)
-    return [
-        (spec, tuple(backbone_std(role, spec.d_in, shape, backbone) for role in spec.roles))
-        for spec in find_matrices(model, role_map)
-    ]
+    def validate(self) -> None:
+        check_choice('backbone', self.backbone, BACKBONES)
+        check_bool('embedding_scaling', self.embedding_scaling)
+        if self.matrix_lr_sigma_squared is not None:
+            check_positive('matrix_lr_sigma_squared', self.matrix_lr_sigma_squared)
+        super().validate()
 
 
 def apply_paper_init(
     model: nn.Module,
     optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]] = None,
     *,
-    backbone: str = DEFAULT_BACKBONE,
-    embedding_scaling: bool = True,
-    role_map: Optional[Mapping[str, str]] = None,
-    init_mode: str = 'auto',
     seed: Optional[int] = None,
-    matrix_lr_sigma_squared: Optional[float] = None,
+    **hparams,
 ) -> nn.Module:
     """Initialize every weight matrix of ``model`` with its Table 1 std and add embedding scaling.
+
+    ``hparams`` are :class:`PaperInitConfig`'s fields (``backbone``, ``embedding_scaling``,
+    ``role_map``, ``init_mode``, ``matrix_lr_sigma_squared``).
 
     Each matrix of role r gets W ~ N(0, s_r^2) (``backbone_std``; biases zero). With
     ``embedding_scaling`` the token embedding becomes a :class:`ScaledEmbedding` that multiplies
@@ -105,42 +98,62 @@ def apply_paper_init(
     Composer's ``decoupled_adamw`` applies at the same rate to both). On the Small backbone with
     sigma^2 = 2 / (5d) only W_o and W_d change: their learning rate is divided by sqrt(2N).
     """
-    check_hparams(backbone, embedding_scaling, role_map, init_mode, matrix_lr_sigma_squared)
+    return apply_paper_init_config(model, optimizers, PaperInitConfig.from_kwargs(**hparams), seed)
+
+
+def apply_paper_init_config(
+    model: nn.Module,
+    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]],
+    config: PaperInitConfig,
+    seed: Optional[int] = None,
+    method: str = METHOD,
+) -> nn.Module:
+    """:func:`apply_paper_init` with a validated config; ``method`` marks the model (residual_scaling passes its own)."""
     optimizers = check_optimizers(METHOD, optimizers)
-    if matrix_lr_sigma_squared is not None and not optimizers:
+    lr_sigma_squared = config.matrix_lr_sigma_squared
+    if lr_sigma_squared is not None and not optimizers:
         raise ValueError('paper_init: matrix_lr_sigma_squared needs the optimizer; pass optimizers=.')
-    shape, specs, _ = discover(model, METHOD, role_map, init_mode, INIT_MODES)
+    shape, specs, _ = discover(model, method, config.role_map, config.init_mode, config.init_modes)
     base_seed = draw_base_seed() if seed is None else int(seed)
-    stds = [(spec, tuple(backbone_std(role, spec.d_in, shape, backbone) for role in spec.roles)) for spec in specs]
-    if matrix_lr_sigma_squared is not None:
+    stds = [
+        (spec, tuple(backbone_std(role, spec.d_in, shape, config.backbone) for role in spec.roles)) for spec in specs
+    ]
+    if lr_sigma_squared is not None:
         if shape.tied_embeddings:
             raise ValueError(
                 'paper_init: matrix_lr_sigma_squared needs untied embeddings: a tied W_e is also the head, '
                 "whose gate in WeSaR differs from the embedding's, so no one learning rate matches both.",
             )
-        lr_factors = _matrix_lr_factors(stds, optimizers[0], math.sqrt(matrix_lr_sigma_squared))
+        lr_factors = _matrix_lr_factors(stds, optimizers[0], math.sqrt(lr_sigma_squared))
 
     for spec, role_stds in stds:
-        setattr(spec.module, INIT_ATTR, (spec.slice_sizes, role_stds, matrix_seed(base_seed, spec.name)))
-        spec.module.reparam_method = METHOD  # marks the model as initialized by paper_init
+        MatrixInit(spec.slice_sizes, role_stds, matrix_seed(base_seed, spec.name)).mark(spec.module)
+        spec.module.reparam_method = method  # marks the model as initialized by this algorithm
     matrices = [spec.module for spec in specs]
-    if embedding_scaling:
-        scale = 1.0 / embedding_std(shape, backbone)
+    if config.embedding_scaling:
+        scale = 1.0 / embedding_std(shape, config.backbone)
         replacements = {spec.module: _scaled_embedding(spec.module, scale) for spec in specs if spec.is_embedding}
         if not replacements:
             log.warning('paper_init: no token embedding found; no embedding scaling applied.')
+        for embedding in replacements.values():
+            embedding.reparam_method = method
         swap_modules(model, replacements)
         matrices = [replacements.get(m, m) for m in matrices]
     for module in matrices:
         if not is_meta(module):  # a meta model is initialized when Composer materializes it
             init_matrix(module)
-    route_param_init_fn(model, _init_if_marked, METHOD)
-    log.info('paper_init: %s init of %d matrices (embedding scaling %s).', backbone, len(stds), embedding_scaling)
-    if matrix_lr_sigma_squared is not None:
+    route_param_init_fn(model, init_matrix, method)
+    log.info(
+        'paper_init: %s init of %d matrices (embedding scaling %s).',
+        config.backbone,
+        len(stds),
+        config.embedding_scaling,
+    )
+    if lr_sigma_squared is not None:
         _split_param_groups(optimizers[0], lr_factors)
         log.info(
             'paper_init: per-matrix learning rates lr * s_r / sigma (sigma^2=%g): factors %s.',
-            matrix_lr_sigma_squared,
+            lr_sigma_squared,
             ', '.join(f'{f:.3g}' for f in sorted({f for _, f in lr_factors})),
         )
     return model
@@ -201,79 +214,20 @@ def _scaled_embedding(old: nn.Embedding, scale: float) -> ScaledEmbedding:
         output_scale=scale,
     )
     adopt(new, old)
-    setattr(new, INIT_ATTR, getattr(old, INIT_ATTR))
+    spec = MatrixInit.of(old)
+    assert spec is not None
+    spec.mark(new)
     return new
-
-
-@torch.no_grad()
-def init_matrix(module: nn.Module) -> None:
-    """W ~ N(0, s_r^2) slice by slice (s_r and the seed from ``apply_paper_init``); bias and padding row zero."""
-    slice_sizes, stds, seed = getattr(module, INIT_ATTR)
-    values = normal_like(module.weight, stds, seed, slice_sizes)
-    if getattr(module, 'padding_idx', None) is not None:
-        values[module.padding_idx].zero_()
-    write_(module.weight, values)
-    if getattr(module, 'bias', None) is not None:
-        write_(module.bias, torch.zeros(module.bias.shape))
-
-
-def _init_if_marked(module: nn.Module) -> bool:
-    if not hasattr(module, INIT_ATTR):
-        return False
-    init_matrix(module)
-    return True
 
 
 class PaperInit(ReparamAlgorithm):
     """Composer algorithm for the paper's baselines: runs :func:`apply_paper_init` at ``Event.INIT``.
 
     YAML: ``algorithms: {paper_init: {backbone: small}}`` (the "Small Init." baseline) or
-    ``{backbone: he}`` (the He-init ablation of Table 7). An llm-foundry ``hf_checkpointer`` in
-    the same run exports the model with the embedding scaling folded into W_e, which loads
-    with plain ``transformers``.
-
-    Args:
-        backbone: ``'small'`` (s_r = sqrt(2/(5d))) or ``'he'`` (s_r = gain/sqrt(d_in)); o and d / sqrt(2N).
-        embedding_scaling: multiply the embedding output by 1 / std(W_e) (default on, as in the paper).
-        role_map: extra ``{regex: role}`` entries for architectures the default map misses.
-        init_mode: ``'auto'`` (default: refuse pretrained weights) or ``'reinit'`` (discard them).
-        matrix_lr_sigma_squared: if set, each matrix's learning rate times s_r / sigma (see
-            :func:`apply_paper_init`): the steps of WeSaR with fixed gates, without the gates.
+    ``{backbone: he}`` (the He-init ablation of Table 7); the hyperparameters are
+    :class:`PaperInitConfig`'s. An llm-foundry ``hf_checkpointer`` in the same run exports the
+    model with the embedding scaling folded into W_e, which loads with plain ``transformers``.
     """
 
-    method = METHOD
-    init_modes = INIT_MODES
-
-    def __init__(
-        self,
-        backbone: str = DEFAULT_BACKBONE,
-        embedding_scaling: bool = True,
-        role_map: Optional[Mapping[str, str]] = None,
-        init_mode: str = 'auto',
-        matrix_lr_sigma_squared: Optional[float] = None,
-    ):
-        check_hparams(backbone, embedding_scaling, role_map, init_mode, matrix_lr_sigma_squared)
-        self.matrix_lr_sigma_squared = matrix_lr_sigma_squared
-        self.backbone = backbone
-        self.embedding_scaling = embedding_scaling
-        self.role_map = dict(role_map) if role_map else None
-        self.init_mode = init_mode
-
-    def __repr__(self) -> str:
-        return (
-            f'{self.__class__.__name__}(backbone={self.backbone!r}, '
-            f'embedding_scaling={self.embedding_scaling}, role_map={self.role_map}, init_mode={self.init_mode!r}, '
-            f'matrix_lr_sigma_squared={self.matrix_lr_sigma_squared})'
-        )
-
-    def apply_to(self, model, optimizers, *, init_mode, seed):
-        return apply_paper_init(
-            model,
-            optimizers=optimizers,
-            backbone=self.backbone,
-            embedding_scaling=self.embedding_scaling,
-            role_map=self.role_map,
-            init_mode=init_mode,
-            seed=seed,
-            matrix_lr_sigma_squared=self.matrix_lr_sigma_squared,
-        )
+    config_class = PaperInitConfig
+    apply_config = apply_paper_init_config

@@ -35,6 +35,8 @@ from wesar_composer.reparam.modules import Reparameterized, ScaledLinearFunction
 
 __all__ = ['SigmaReparamLinear', 'SigmaReparamEmbedding', 'request_power_iteration', 'SPECTRAL_BUFFERS']
 
+METHOD = 'sigma_reparam'
+
 SPECTRAL_BUFFERS = ('sn_u', 'sn_v', 'sn_sigma')
 
 
@@ -95,7 +97,7 @@ class _SpectralNorm:
 class SigmaReparamLinear(Reparameterized, _SpectralNorm, nn.Linear):
     """``y = x W_bar^T + b`` with W_bar = a_s / sigma_s * W_s for every output slice s (q, k, v of a fused Wqkv)."""
 
-    reparam_method = 'sigma_reparam'
+    reparam_method = METHOD
     FOLDED_KEYS = ('gate', *SPECTRAL_BUFFERS)
 
     def __init__(
@@ -158,7 +160,7 @@ class SigmaReparamEmbedding(Reparameterized, _SpectralNorm, SharedEmbedding):
     ``logits = h (a_p / sigma * W)^T``.
     """
 
-    reparam_method = 'sigma_reparam'
+    reparam_method = METHOD
     FOLDED_KEYS = ('gate', 'unembed_gate', *SPECTRAL_BUFFERS)
 
     def __init__(

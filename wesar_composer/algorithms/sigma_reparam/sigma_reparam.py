@@ -20,9 +20,10 @@ with ``do_layer_norm_before: false`` (through ``hf_causal_lm``; its ``fc1`` / ``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Optional, Union
 
 from composer.core import Event, State
@@ -31,42 +32,55 @@ from torch import nn
 from torch.optim import Optimizer
 
 from wesar_composer.algorithms.sigma_reparam.modules import (
+    METHOD,
     SigmaReparamEmbedding,
     SigmaReparamLinear,
     request_power_iteration,
 )
 from wesar_composer.reparam.algorithm import ReparamAlgorithm
-from wesar_composer.reparam.checks import (
-    check_bool,
-    check_choice,
-    check_non_negative,
-    check_optimizers,
-    check_positive,
-    check_role_map,
-)
+from wesar_composer.reparam.checks import check_bool, check_non_negative, check_optimizers, check_positive
+from wesar_composer.reparam.config import ReparamConfig
 from wesar_composer.reparam.surgery import add_param_group, adopt, discover, install
 from wesar_composer.roles import MatrixSpec, ModelShape
 
 log = logging.getLogger(__name__)
 
-__all__ = ['SigmaReparam', 'apply_sigma_reparam', 'embedding_output_scale', 'DEFAULT_SIGMA_SQUARED']
+__all__ = [
+    'SigmaReparam',
+    'SigmaReparamConfig',
+    'apply_sigma_reparam',
+    'embedding_output_scale',
+    'DEFAULT_SIGMA_SQUARED',
+]
 
 DEFAULT_SIGMA_SQUARED = 64e-5  # Table 6: the best of {1, 4, 16, 64, 256}e-5 for sigma-Reparam with pre-LN
-METHOD = 'sigma_reparam'
-MODULES = (SigmaReparamLinear, SigmaReparamEmbedding)
 
 
-INIT_MODES = ('auto', 'reinit')
+@dataclasses.dataclass(frozen=True)
+class SigmaReparamConfig(ReparamConfig):
+    """sigma_reparam's hyperparameters.
 
+    Args:
+        sigma_squared: variance of every actual weight matrix at init (default 64e-5, Table 6 pre-LN).
+        embedding_scaling: multiply the embedding output by sqrt(V) + sqrt(d) = 1 / std(W_bar_e) at init (default on, as in the paper).
+        gate_weight_decay: weight decay of the scalars a (default 0, no decay).
+        role_map: extra ``{regex: role}`` entries for architectures the default map misses.
+        init_mode: ``'auto'`` (default: refuse pretrained weights) or ``'reinit'`` (discard them).
+    """
 
-def check_hparams(sigma_squared, embedding_scaling, gate_weight_decay, role_map, init_mode='auto') -> float:
-    """Validate the hyperparameters and return sigma."""
-    check_positive('sigma_squared', sigma_squared)
-    check_bool('embedding_scaling', embedding_scaling)
-    check_non_negative('gate_weight_decay', gate_weight_decay)
-    check_role_map(role_map)
-    check_choice('init_mode', init_mode, INIT_MODES)
-    return math.sqrt(sigma_squared)
+    method = METHOD
+
+    sigma_squared: float = DEFAULT_SIGMA_SQUARED
+    embedding_scaling: bool = True
+    gate_weight_decay: float = 0.0
+    role_map: Optional[dict[str, str]] = None
+    init_mode: str = 'auto'
+
+    def validate(self) -> None:
+        check_positive('sigma_squared', self.sigma_squared)
+        check_bool('embedding_scaling', self.embedding_scaling)
+        check_non_negative('gate_weight_decay', self.gate_weight_decay)
+        super().validate()
 
 
 def embedding_output_scale(num_embeddings: int, embedding_dim: int) -> float:
@@ -78,14 +92,13 @@ def apply_sigma_reparam(
     model: nn.Module,
     optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]] = None,
     *,
-    sigma_squared: float = DEFAULT_SIGMA_SQUARED,
-    embedding_scaling: bool = True,
-    gate_weight_decay: float = 0.0,
-    role_map: Optional[Mapping[str, str]] = None,
-    init_mode: str = 'auto',
     seed: Optional[int] = None,
+    **hparams,
 ) -> nn.Module:
     """Reparameterize every weight matrix of ``model`` as a / ||W||_2 * W (Appendix C.2).
+
+    ``hparams`` are :class:`SigmaReparamConfig`'s fields (``sigma_squared``, ``embedding_scaling``,
+    ``gate_weight_decay``, ``role_map``, ``init_mode``).
 
     Each matrix becomes a :class:`SigmaReparamLinear` / :class:`SigmaReparamEmbedding` sharing
     its weight ``Parameter`` (drawn N(0, sigma^2)); the scalars a (one per q / k / v slice of a
@@ -94,21 +107,33 @@ def apply_sigma_reparam(
     :func:`~wesar_composer.algorithms.sigma_reparam.request_power_iteration` once per step.
     Everything is validated before the model changes.
     """
-    sigma = check_hparams(sigma_squared, embedding_scaling, gate_weight_decay, role_map, init_mode)
+    return apply_sigma_reparam_config(model, optimizers, SigmaReparamConfig.from_kwargs(**hparams), seed)
+
+
+def apply_sigma_reparam_config(
+    model: nn.Module,
+    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]],
+    config: SigmaReparamConfig,
+    seed: Optional[int] = None,
+) -> nn.Module:
+    """:func:`apply_sigma_reparam` with a validated config."""
+    sigma = math.sqrt(config.sigma_squared)
     optimizers = check_optimizers(METHOD, optimizers)
-    shape, specs, _ = discover(model, METHOD, role_map, init_mode, INIT_MODES)
+    shape, specs, _ = discover(model, METHOD, config.role_map, config.init_mode, config.init_modes)
     tied_head = shape.tied_embeddings and not any(s.roles == ('p',) for s in specs)  # MPT: wte is the head
     replacements, seen = {}, set()
     for spec in specs:
         shared = id(spec.module.weight) in seen  # a tied Hugging Face head: W is drawn once, by the embedding
         seen.add(id(spec.module.weight))
-        replacements[spec] = _reparameterized_module(spec, shape, sigma, embedding_scaling, tied_head, not shared)
+        replacements[spec] = _reparameterized_module(
+            spec, shape, sigma, config.embedding_scaling, tied_head, not shared
+        )
     install(model, replacements, seed)
     if optimizers:
         gates = [m.gate for m in replacements.values()]
         gates += [m.unembed_gate for m in replacements.values() if getattr(m, 'unembed_gate', None) is not None]
-        add_param_group(optimizers[0], gates, gate_weight_decay)
-    log.info('sigma_reparam: %d matrices (sigma^2=%g).', len(specs), sigma_squared)
+        add_param_group(optimizers[0], gates, config.gate_weight_decay)
+    log.info('sigma_reparam: %d matrices (sigma^2=%g).', len(specs), config.sigma_squared)
     return model
 
 
@@ -153,38 +178,10 @@ class SigmaReparam(ReparamAlgorithm):
     YAML: ``algorithms: {sigma_reparam: {sigma_squared: 6.4e-4}}``. The scalars a appear in the
     update-ratio monitor as ``gate/...``. An llm-foundry ``hf_checkpointer`` in the same run
     exports the merged model (a / sigma and the embedding scaling folded into plain weights).
-
-    Args:
-        sigma_squared: variance of every actual weight matrix at init (default 64e-5, Table 6 pre-LN).
-        embedding_scaling: multiply the embedding output by sqrt(V) + sqrt(d) = 1 / std(W_bar_e) at init.
-        gate_weight_decay: weight decay of the scalars a (default 0, no decay).
-        role_map: extra ``{regex: role}`` entries for architectures the default map misses.
-        init_mode: ``'auto'`` (default: refuse pretrained weights) or ``'reinit'`` (discard them).
     """
 
-    method = METHOD
-    init_modes = INIT_MODES
-
-    def __init__(
-        self,
-        sigma_squared: float = DEFAULT_SIGMA_SQUARED,
-        embedding_scaling: bool = True,
-        gate_weight_decay: float = 0.0,
-        role_map: Optional[Mapping[str, str]] = None,
-        init_mode: str = 'auto',
-    ):
-        check_hparams(sigma_squared, embedding_scaling, gate_weight_decay, role_map, init_mode)
-        self.init_mode = init_mode
-        self.sigma_squared = sigma_squared
-        self.embedding_scaling = embedding_scaling
-        self.gate_weight_decay = gate_weight_decay
-        self.role_map = dict(role_map) if role_map else None
-
-    def __repr__(self) -> str:
-        return (
-            f'{self.__class__.__name__}(sigma_squared={self.sigma_squared}, embedding_scaling={self.embedding_scaling}, '
-            f'gate_weight_decay={self.gate_weight_decay}, role_map={self.role_map}, init_mode={self.init_mode!r})'
-        )
+    config_class = SigmaReparamConfig
+    apply_config = apply_sigma_reparam_config
 
     def match(self, event: Event, state: State) -> bool:
         return event == Event.BATCH_START or super().match(event, state)
@@ -194,15 +191,3 @@ class SigmaReparam(ReparamAlgorithm):
             request_power_iteration(state.model)
             return
         super().apply(event, state, logger)
-
-    def apply_to(self, model, optimizers, *, init_mode, seed):
-        return apply_sigma_reparam(
-            model,
-            optimizers=optimizers,
-            sigma_squared=self.sigma_squared,
-            embedding_scaling=self.embedding_scaling,
-            gate_weight_decay=self.gate_weight_decay,
-            role_map=self.role_map,
-            init_mode=init_mode,
-            seed=seed,
-        )

@@ -35,6 +35,8 @@ from wesar_composer.reparam.modules import Reparameterized
 
 __all__ = ['WeightNormLinear', 'WeightNormEmbedding', 'row_norms', 'weight_norm_weight']
 
+METHOD = 'weight_norm'
+
 
 def row_norms(weight: torch.Tensor) -> torch.Tensor:
     """||w_i|| of every row, shape (rows, 1), accumulated in float32, in the weight's dtype."""
@@ -107,7 +109,7 @@ class WeightNormLinear(Reparameterized, nn.Linear):
     draws v ~ N(0, weight_std^2) and sets g = ||v||, so W_bar = v at initialization.
     """
 
-    reparam_method = 'weight_norm'
+    reparam_method = METHOD
     FOLDED_KEYS = ('weight_g',)
 
     def __init__(
@@ -151,7 +153,7 @@ class WeightNormEmbedding(Reparameterized, SharedEmbedding):
     ``unembed=True``) computes with the whole W_bar and no output scale.
     """
 
-    reparam_method = 'weight_norm'
+    reparam_method = METHOD
     FOLDED_KEYS = ('weight_g',)
 
     def __init__(

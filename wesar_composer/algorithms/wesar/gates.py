@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wesar_composer.algorithms.wesar.gated_modules import GatedEmbedding, GatedLinear
+from wesar_composer.algorithms.wesar.modules import GatedEmbedding, GatedLinear
 from wesar_composer.reparam.fold import merge_reparameterization
 from wesar_composer.roles import layer_index, unwrap
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
@@ -12,68 +13,81 @@ from composer.utils import dist
 from torch import nn
 from torch.optim import Optimizer
 
-from wesar_composer.algorithms.wesar.gated_modules import GatedEmbedding, GatedLinear, refresh_nonzero_gates
+from wesar_composer.algorithms.wesar.modules import METHOD, GatedEmbedding, GatedLinear, refresh_nonzero_gates
 from wesar_composer.reparam.algorithm import ReparamAlgorithm
 from wesar_composer.reparam.checks import (
-    INIT_MODES,
     check_bool,
     check_choice,
     check_non_negative,
     check_optimizers,
     check_positive,
     check_positive_int,
-    check_role_map,
 )
+from wesar_composer.reparam.config import INIT_MODES, ReparamConfig
 from wesar_composer.reparam.surgery import add_param_group, adopt, discover, install
 from wesar_composer.roles import BACKBONES, MatrixSpec, ModelShape, backbone_std, embedding_std
 
 log = logging.getLogger(__name__)
 
-__all__ = ['WeSaR', 'apply_wesar', 'GATED_MODULES']
+__all__ = ['WeSaR', 'WeSaRConfig', 'apply_wesar', 'GATED_MODULES']
 
-METHOD = 'wesar'
 DEFAULT_SIGMA_SQUARED = 4e-5  # Section 4.3: sigma^2 = 4e-5, the Small-init std of a d = 10,000 model
 GATED_MODULES = (GatedLinear, GatedEmbedding)
 
 
-def check_hparams(
-    sigma_squared: float,
-    backbone: str,
-    trainable_gates: bool = True,
-    gate_weight_decay: float = 0.0,
-    embedding_scaling: bool = True,
-    role_map: Optional[Mapping[str, str]] = None,
-    init_mode: str = 'auto',
-    sigma_reference_width: Optional[int] = None,
-) -> float:
-    """Validate the hyperparameters and return sigma (at the reference width, if one is given)."""
-    check_positive('sigma_squared', sigma_squared)
-    if sigma_reference_width is not None:
-        check_positive_int('sigma_reference_width', sigma_reference_width)
-    check_choice('backbone', backbone, BACKBONES)
-    check_bool('trainable_gates', trainable_gates)
-    check_non_negative('gate_weight_decay', gate_weight_decay)
-    check_bool('embedding_scaling', embedding_scaling)
-    check_role_map(role_map)
-    check_choice('init_mode', init_mode, INIT_MODES)
-    return math.sqrt(sigma_squared)
+@dataclasses.dataclass(frozen=True)
+class WeSaRConfig(ReparamConfig):
+    """WeSaR's hyperparameters.
+
+    Args:
+        sigma_squared: variance of every actual weight matrix (default 4e-5).
+        backbone: ``'he'`` (paper default) or ``'small'``: which Table 1 stds the gates carry.
+        trainable_gates: ``False`` freezes the gates (the fixed-a ablation of Table 7).
+        gate_weight_decay: weight decay of the gate param group (default 0, no decay).
+        embedding_scaling: multiply the embedding output by 1 / sigma (default on).
+        role_map: extra ``{regex: role}`` entries for architectures the default map misses.
+        init_mode: ``'auto'`` (default: new init; refuse pretrained weights), ``'reinit'`` or
+            ``'preserve'`` (keep a pretrained model's function; see :func:`apply_wesar`).
+        sigma_reference_width: ``None`` (default: sigma^2 = ``sigma_squared`` at any width, as in
+            the paper) or a d_model at which ``sigma_squared`` holds; other widths get
+            sigma^2 = sigma_squared * sigma_reference_width / d_model.
+    """
+
+    method = METHOD
+    init_modes = (*INIT_MODES, 'preserve')
+
+    sigma_squared: float = DEFAULT_SIGMA_SQUARED
+    backbone: str = 'he'
+    trainable_gates: bool = True
+    gate_weight_decay: float = 0.0
+    embedding_scaling: bool = True
+    role_map: Optional[dict[str, str]] = None
+    init_mode: str = 'auto'
+    sigma_reference_width: Optional[int] = None
+
+    def validate(self) -> None:
+        check_positive('sigma_squared', self.sigma_squared)
+        if self.sigma_reference_width is not None:
+            check_positive_int('sigma_reference_width', self.sigma_reference_width)
+        check_choice('backbone', self.backbone, BACKBONES)
+        check_bool('trainable_gates', self.trainable_gates)
+        check_non_negative('gate_weight_decay', self.gate_weight_decay)
+        check_bool('embedding_scaling', self.embedding_scaling)
+        super().validate()
 
 
 def apply_wesar(
     model: nn.Module,
     optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]] = None,
     *,
-    sigma_squared: float = DEFAULT_SIGMA_SQUARED,
-    backbone: str = 'he',
-    trainable_gates: bool = True,
-    gate_weight_decay: float = 0.0,
-    embedding_scaling: bool = True,
-    role_map: Optional[Mapping[str, str]] = None,
-    init_mode: str = 'auto',
     seed: Optional[int] = None,
-    sigma_reference_width: Optional[int] = None,
+    **hparams,
 ) -> nn.Module:
     """Reparameterize every weight matrix W of ``model`` as a_r * W (Section 4.1).
+
+    ``hparams`` are :class:`WeSaRConfig`'s fields (``sigma_squared``, ``backbone``,
+    ``trainable_gates``, ``gate_weight_decay``, ``embedding_scaling``, ``role_map``,
+    ``init_mode``, ``sigma_reference_width``); an unknown one raises ``TypeError`` listing them.
 
     W ~ N(0, sigma^2) for every matrix; a_r starts at s_r / sigma, with s_r the backbone std
     of the matrix's role (Table 1). The token embedding keeps gate 1 and, with
@@ -99,32 +113,34 @@ def apply_wesar(
     :func:`refresh_nonzero_gates` (one small device-to-host read); a loop that trains the gates
     with an optimizer it adds them to itself calls it after each step.
     """
-    sigma = check_hparams(
-        sigma_squared,
-        backbone,
-        trainable_gates,
-        gate_weight_decay,
-        embedding_scaling,
-        role_map,
-        init_mode,
-        sigma_reference_width,
-    )
+    return apply_wesar_config(model, optimizers, WeSaRConfig.from_kwargs(**hparams), seed)
+
+
+def apply_wesar_config(
+    model: nn.Module,
+    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]],
+    config: WeSaRConfig,
+    seed: Optional[int] = None,
+) -> nn.Module:
+    """:func:`apply_wesar` with a validated config."""
     optimizers = check_optimizers(METHOD, optimizers)
-    shape, specs, mode = discover(model, METHOD, role_map, init_mode, INIT_MODES)
-    if sigma_reference_width is not None:
-        sigma_squared = sigma_squared * sigma_reference_width / shape.d_model
-        sigma = math.sqrt(sigma_squared)
+    shape, specs, mode = discover(model, METHOD, config.role_map, config.init_mode, config.init_modes)
+    sigma_squared = config.sigma_squared
+    if config.sigma_reference_width is not None:
+        sigma_squared = sigma_squared * config.sigma_reference_width / shape.d_model
+    sigma = math.sqrt(sigma_squared)
     preserved = _preserved_stds(specs) if mode == 'preserve' else None
+    trainable, backbone = config.trainable_gates, config.backbone
     replacements = {
-        spec: _gated_module(spec, shape, sigma, backbone, trainable_gates, embedding_scaling, specs, preserved)
+        spec: _gated_module(spec, shape, sigma, backbone, trainable, config.embedding_scaling, specs, preserved)
         for spec in specs
     }
     rescale = (lambda: _rescale_to_sigma(specs, preserved, sigma)) if preserved is not None else None
     install(model, replacements, seed, before_init=rescale)
     gates = [m.gate for m in replacements.values()]
     gates += [m.unembed_gate for m in replacements.values() if getattr(m, 'unembed_gate', None) is not None]
-    if trainable_gates and optimizers:
-        add_param_group(optimizers[0], gates, gate_weight_decay)
+    if trainable and optimizers:
+        add_param_group(optimizers[0], gates, config.gate_weight_decay)
         gated = list(replacements.values())
         optimizers[0].register_step_post_hook(lambda *_: refresh_nonzero_gates(gated))
     log.info(
@@ -238,74 +254,9 @@ class WeSaR(ReparamAlgorithm):
     a run with it, raises an error naming the algorithm. The initial weights depend on the
     run's seed only, not on the rank or the FSDP wrapping.
 
-    YAML: ``algorithms: {wesar: {sigma_squared: 4.0e-5, backbone: he}}``.
-
-    Args:
-        sigma_squared: variance of every actual weight matrix (default 4e-5).
-        backbone: ``'he'`` (paper default) or ``'small'``: which Table 1 stds the gates carry.
-        trainable_gates: ``False`` freezes the gates (the fixed-a ablation of Table 7).
-        gate_weight_decay: weight decay of the gate param group (default 0, no decay).
-        embedding_scaling: multiply the embedding output by 1 / sigma (default on).
-        role_map: extra ``{regex: role}`` entries for architectures the default map misses.
-        init_mode: ``'auto'`` (default: new init; refuse pretrained weights), ``'reinit'`` or
-            ``'preserve'`` (keep a pretrained model's function; see :func:`apply_wesar`).
-        sigma_reference_width: ``None`` (default: sigma^2 = ``sigma_squared`` at any width, as in
-            the paper) or a d_model at which ``sigma_squared`` holds; other widths get
-            sigma^2 = sigma_squared * sigma_reference_width / d_model (see :func:`apply_wesar`).
+    YAML: ``algorithms: {wesar: {sigma_squared: 4.0e-5, backbone: he}}``; the hyperparameters
+    are :class:`WeSaRConfig`'s.
     """
 
-    method = METHOD
-    init_modes = INIT_MODES
-
-    def __init__(
-        self,
-        sigma_squared: float = DEFAULT_SIGMA_SQUARED,
-        backbone: str = 'he',
-        trainable_gates: bool = True,
-        gate_weight_decay: float = 0.0,
-        embedding_scaling: bool = True,
-        role_map: Optional[Mapping[str, str]] = None,
-        init_mode: str = 'auto',
-        sigma_reference_width: Optional[int] = None,
-    ):
-        check_hparams(
-            sigma_squared,
-            backbone,
-            trainable_gates,
-            gate_weight_decay,
-            embedding_scaling,
-            role_map,
-            init_mode,
-            sigma_reference_width,
-        )
-        self.sigma_reference_width = sigma_reference_width
-        self.sigma_squared = sigma_squared
-        self.backbone = backbone
-        self.trainable_gates = trainable_gates
-        self.gate_weight_decay = gate_weight_decay
-        self.embedding_scaling = embedding_scaling
-        self.role_map = dict(role_map) if role_map else None
-        self.init_mode = init_mode
-
-    def __repr__(self) -> str:
-        return (
-            f'{self.__class__.__name__}(sigma_squared={self.sigma_squared}, backbone={self.backbone!r}, '
-            f'trainable_gates={self.trainable_gates}, gate_weight_decay={self.gate_weight_decay}, '
-            f'embedding_scaling={self.embedding_scaling}, role_map={self.role_map}, init_mode={self.init_mode!r}, '
-            f'sigma_reference_width={self.sigma_reference_width})'
-        )
-
-    def apply_to(self, model, optimizers, *, init_mode, seed):
-        return apply_wesar(
-            model,
-            optimizers=optimizers,
-            sigma_squared=self.sigma_squared,
-            backbone=self.backbone,
-            trainable_gates=self.trainable_gates,
-            gate_weight_decay=self.gate_weight_decay,
-            embedding_scaling=self.embedding_scaling,
-            role_map=self.role_map,
-            init_mode=init_mode,
-            seed=seed,
-            sigma_reference_width=self.sigma_reference_width,
-        )
+    config_class = WeSaRConfig
+    apply_config = apply_wesar_config
