@@ -19,7 +19,7 @@ import time
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or '').split('\n')[0])
     parser.add_argument('--seq', type=int, default=512)
     parser.add_argument('--batch', type=int, default=4)
     parser.add_argument('--steps', type=int, default=5, help='measured steps (after --warmup)')
@@ -85,7 +85,8 @@ def main() -> None:
 
     class StepTimer(Callback):
         def __init__(self):
-            self.rows, self.marks = [], None
+            self.rows: list[tuple[float, float, float, float, int]] = []
+            self.marks: tuple[float, float, float, float, int] = (0.0, 0.0, 0.0, 0.0, 0)
 
         def batch_start(self, state, logger):
             self.marks = (time.perf_counter(), time.process_time(), clock['wall'], clock['cpu'], clock['syncs'])

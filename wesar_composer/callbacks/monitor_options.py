@@ -1,15 +1,19 @@
-"""The update-ratio monitor's volume options: which families and layers get per-matrix keys."""
+"""The update-ratio monitor's volume options (which families and layers get per-matrix keys) and its summaries."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
-from typing import Any, Union, cast
+from typing import Any, Optional, Protocol, Union, cast
 
 from wesar_composer.callbacks.keys import FAMILIES
 
-__all__ = ['ALL', 'LayersArg', 'check_families', 'check_layers', 'resolve_layers']
+__all__ = ['ALL', 'LayersArg', 'check_families', 'check_layers', 'resolve_layers', 'summaries']
 
 ALL = 'all'
+SUMMARY_MAX = 'update_ratio/max'
+SUMMARY_D_OVER_U = 'update_ratio/last_layer_d_over_u'
+SUMMARY_MEAN = 'update_ratio/mean_{role}'  # mean over layers of one role's update ratio
 LayersArg = Union[str, Sequence[int], Mapping[str, int]]
 Layers = Union[str, tuple[int, ...], dict[str, int]]
 
@@ -65,3 +69,27 @@ def resolve_layers(layers: Layers, present: list[int]) -> set[int]:
             )
         chosen.add(present[layer])
     return chosen
+
+
+class _Layered(Protocol):
+    layer: Optional[int]
+    keys: tuple[str, ...]
+    roles: tuple[str, ...]
+
+
+def summaries(matrices: Sequence[_Layered], keys: list[str], ratios: list[float]) -> dict[str, float]:
+    """The largest ratio, the last layer's d/u gap and each layered role's mean over all layers."""
+    by_key = dict(zip(keys, ratios))
+    out = {SUMMARY_MAX: max(ratios)}
+    last = max((m.layer for m in matrices if m.layer is not None), default=None)
+    d_ratio, u_ratio = by_key.get(f'L{last}/d'), by_key.get(f'L{last}/u')
+    if d_ratio is not None and u_ratio:
+        out[SUMMARY_D_OVER_U] = d_ratio / u_ratio
+    per_role: dict[str, list[float]] = {}
+    for m in matrices:
+        if m.layer is not None:
+            for key, role in zip(m.keys, m.roles):
+                per_role.setdefault(role, []).append(by_key[key])
+    for role, values in per_role.items():
+        out[SUMMARY_MEAN.format(role=role)] = statistics.fmean(values)
+    return out

@@ -21,8 +21,10 @@ __all__ = [
     'dtensor_shard_group',
     'fsdp1_shards',
     'global_numel',
+    'grad_sq_share',
     'is_dtensor',
     'is_sharded',
+    'local_part',
     'local_tensor',
     'lookup',
     'modules_by_name',
@@ -37,6 +39,32 @@ ShardInfo = dict[int, tuple[int, int]]  # FSDP1: id(original param) -> (flat sta
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's data of an FSDP2 ``DTensor``, else the tensor itself."""
     return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def local_part(param: torch.Tensor, numel: int, shard_info: ShardInfo) -> tuple[torch.Tensor, int]:
+    """This rank's part of ``param`` (``numel`` elements whole) as a flat tensor, and its flat start in the whole."""
+    if is_dtensor(param):
+        return dtensor_local(param)
+    if param.numel() != numel and id(param) in shard_info:  # FSDP1 sharded flat view
+        return param.detach().reshape(-1), shard_info[id(param)][0]
+    return param.detach().reshape(-1), 0
+
+
+def grad_sq_share(params: Any, shard_info: ShardInfo, world_size: int) -> torch.Tensor:
+    """This rank's share of the squared global gradient norm of ``params``: shards add up over the
+    ranks, a replicated gradient (DDP) counts once. Stays on the device: no host sync."""
+    sharded, replicated = [], []
+    for param in params:
+        if param.grad is not None:
+            grad = local_tensor(param.grad).detach().reshape(-1)
+            (sharded if is_sharded(param, shard_info) else replicated).append(grad)
+    total = None
+    for tensors, weight in ((sharded, 1.0), (replicated, 1.0 / world_size)):
+        if tensors:
+            norms = torch._foreach_norm(tensors, 2)  # pyright: ignore[reportPrivateImportUsage]
+            part = torch.stack(norms).double().square().sum() * weight
+            total = part if total is None else total + part.to(total.device)
+    return total if total is not None else torch.zeros((), dtype=torch.float64)
 
 
 def is_sharded(tensor: torch.Tensor, shard_info: ShardInfo) -> bool:

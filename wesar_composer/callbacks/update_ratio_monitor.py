@@ -1,15 +1,15 @@
 """Monitor the update ratio ||W_after - W_before|| / ||W_before|| of every weight matrix.
 
-The callback itself; its volume options are in ``monitor_options``, the shard arithmetic in
-``sharding``, the norms in ``norms`` and the spike post-mortem that reads its history in
-``post_mortem``.
+The callback itself; its volume options and summaries are in ``monitor_options``, the shard
+arithmetic in ``sharding``, the norms in ``norms`` and the spike post-mortem that reads its
+history in ``post_mortem``. (About 380 lines, of which the class docstring, the reference of
+its keys and options, takes 80.)
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import statistics
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,17 +22,17 @@ from composer.loggers import Logger
 from torch import nn
 
 from wesar_composer.callbacks.keys import FAMILIES, matrix_key
-from wesar_composer.callbacks.monitor_options import LayersArg, check_families, check_layers, resolve_layers
+from wesar_composer.callbacks.monitor_options import LayersArg, check_families, check_layers, resolve_layers, summaries
 from wesar_composer.callbacks.norms import slice_sq_norms
 from wesar_composer.callbacks.post_mortem import RatioRise, ratio_rise
 from wesar_composer.callbacks.sharding import (
     ShardInfo,
-    dtensor_local,
     dtensor_shard_group,
     fsdp1_shards,
     global_numel,
     is_dtensor,
     is_sharded,
+    local_part,
     local_tensor,
     lookup,
     modules_by_name,
@@ -49,9 +49,6 @@ DEFAULT_LOG_INTERVAL = 10  # batches, as Composer's OptimizerMonitor
 DEFAULT_FAMILIES = ('update_ratio', 'param_norm', 'grad_norm')
 DEFAULT_LAYERS = (0, -1)  # first and last layer per matrix; every layer enters the summaries
 DEFAULT_HISTORY = 16  # logged steps of every matrix's update ratio kept for the spike post-mortem
-SUMMARY_MAX = 'update_ratio/max'
-SUMMARY_D_OVER_U = 'update_ratio/last_layer_d_over_u'
-SUMMARY_MEAN = 'update_ratio/mean_{role}'  # mean over layers of one role's update ratio
 OWNER = 'UpdateRatioMonitor'
 
 
@@ -322,15 +319,10 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
 
     def _local_weights(self) -> list[tuple[torch.Tensor, int]]:
         assert self._matrices is not None
-        return [self._local(cast(nn.Module, m.module).weight, m.shape[0] * m.shape[1]) for m in self._matrices]
-
-    def _local(self, param: torch.Tensor, numel: int) -> tuple[torch.Tensor, int]:
-        """This rank's part of ``param`` as a flat tensor, and where it starts in the flat global tensor."""
-        if is_dtensor(param):
-            return dtensor_local(param)
-        if param.numel() != numel and id(param) in self._shard_info:  # FSDP1 sharded flat view
-            return param.detach().reshape(-1), self._shard_info[id(param)][0]
-        return param.detach().reshape(-1), 0
+        return [
+            local_part(cast(nn.Module, m.module).weight, m.shape[0] * m.shape[1], self._shard_info)
+            for m in self._matrices
+        ]
 
     def _gate_values(self, device: torch.device) -> torch.Tensor:
         """All gates in one vector; under sharding each rank fills its own elements, zeros elsewhere."""
@@ -339,7 +331,7 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
         for matrix in self._matrices:
             for _, gate in matrix.gates:
                 numel = global_numel(gate, self._shard_info)
-                flat, start = self._local(gate, numel)
+                flat, start = local_part(gate, numel, self._shard_info)
                 full = torch.zeros(numel, device=device, dtype=torch.float64)
                 full[start : start + flat.numel()] = flat.double()
                 parts.append(full)
@@ -373,26 +365,8 @@ class UpdateRatioMonitor(CheckedHparams, Callback):
                 {f'gate/{key}': value for key, value in zip(gate_keys, gate_values) if key in logged or '/' not in key}
             )  # e and p (a tied head's own gate) always
         if self.summaries:
-            metrics.update(self._summaries(keys, ratios))
+            metrics.update(summaries(self._matrices, keys, ratios))
         return metrics
-
-    def _summaries(self, keys: list[str], ratios: list[float]) -> dict[str, float]:
-        """The largest ratio, the last layer's d/u gap and each layered role's mean over all layers."""
-        assert self._matrices is not None
-        by_key = dict(zip(keys, ratios))
-        out = {SUMMARY_MAX: max(ratios)}
-        last = max((m.layer for m in self._matrices if m.layer is not None), default=None)
-        d_ratio, u_ratio = by_key.get(f'L{last}/d'), by_key.get(f'L{last}/u')
-        if d_ratio is not None and u_ratio:
-            out[SUMMARY_D_OVER_U] = d_ratio / u_ratio
-        per_role: dict[str, list[float]] = {}
-        for m in self._matrices:
-            if m.layer is not None:
-                for key, role in zip(m.keys, m.roles):
-                    per_role.setdefault(role, []).append(by_key[key])
-        for role, values in per_role.items():
-            out[SUMMARY_MEAN.format(role=role)] = statistics.fmean(values)
-        return out
 
 
 def _gates(matrix: _Matrix, shard_info: ShardInfo) -> list[tuple[tuple[str, ...], torch.Tensor]]:
