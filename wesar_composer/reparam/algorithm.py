@@ -35,14 +35,14 @@ class ReparamAlgorithm(Algorithm):
     """Base of the algorithms that change the model at ``Event.INIT``, derived from their config.
 
     A subclass sets ``config_class`` (its :class:`~wesar_composer.reparam.config.ReparamConfig`)
-    and ``apply_config`` (its functional form, ``(model, optimizers, config, seed) -> model``).
+    and ``apply_function`` (its functional form, ``apply_x(model, optimizers, seed=..., **hparams)``).
     ``__init__`` takes the config's fields (by keyword, or by position in their order) and
     validates them once; ``__repr__`` lists them (what Composer stores in a checkpoint's
     ``algorithms``); each field reads as an attribute (``WeSaR().backbone``).
     """
 
     config_class: ClassVar[type[ReparamConfig]] = ReparamConfig
-    apply_config: ClassVar[Callable[..., nn.Module]]
+    apply_function: ClassVar[Callable[..., nn.Module]]
 
     def __init__(self, *args: Any, **hparams: Any):
         self.config = self.config_class.from_kwargs(*args, **hparams)
@@ -99,4 +99,5 @@ class ReparamAlgorithm(Algorithm):
         seed: int,
     ) -> Any:
         """The functional form with this object's config, ``init_mode`` resolved for this run."""
-        return type(self).apply_config(model, optimizers, self.config.replace(init_mode=init_mode), seed)
+        hparams = {**self.config.as_kwargs(), 'init_mode': init_mode}
+        return type(self).apply_function(model, optimizers, seed=seed, **hparams)

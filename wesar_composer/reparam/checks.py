@@ -27,6 +27,7 @@ __all__ = [
     'check_choice',
     'check_role_map',
     'check_optimizers',
+    'Optimizers',
 ]
 
 
@@ -90,10 +91,10 @@ def check_role_map(role_map: Any) -> Optional[dict[str, str]]:
     return dict(role_map) if role_map else None
 
 
-def check_optimizers(
-    method: str,
-    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]],
-) -> tuple[Optimizer, ...]:
+Optimizers = Optional[Union[Optimizer, Sequence[Optimizer]]]  # the ``optimizers`` argument of every ``apply_x``
+
+
+def check_optimizers(method: str, optimizers: Optimizers) -> tuple[Optimizer, ...]:
     """At most one torch optimizer; a hyperparameter passed in this slot by position is an error."""
     if optimizers is None:
         return ()

@@ -19,15 +19,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Optional
 
 from torch import nn
 from torch.optim import Optimizer
 
 from wesar_composer.algorithms.paper_init.modules import METHOD, ScaledEmbedding
 from wesar_composer.reparam.algorithm import ReparamAlgorithm
-from wesar_composer.reparam.checks import check_bool, check_choice, check_optimizers, check_positive
+from wesar_composer.reparam.checks import Optimizers, check_bool, check_choice, check_optimizers, check_positive
 from wesar_composer.reparam.config import ReparamConfig
 from wesar_composer.reparam.init import MatrixInit, draw_base_seed, init_matrix, matrix_seed
 from wesar_composer.reparam.surgery import adopt, discover, is_meta, route_param_init_fn, swap_modules
@@ -70,11 +69,7 @@ class PaperInitConfig(ReparamConfig):
 
 
 def apply_paper_init(
-    model: nn.Module,
-    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]] = None,
-    *,
-    seed: Optional[int] = None,
-    **hparams,
+    model: nn.Module, optimizers: Optimizers = None, *, seed: int | None = None, **hparams
 ) -> nn.Module:
     """Initialize every weight matrix of ``model`` with its Table 1 std and add embedding scaling.
 
@@ -102,11 +97,7 @@ def apply_paper_init(
 
 
 def apply_paper_init_config(
-    model: nn.Module,
-    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]],
-    config: PaperInitConfig,
-    seed: Optional[int] = None,
-    method: str = METHOD,
+    model: nn.Module, optimizers: Optimizers, config: PaperInitConfig, seed: int | None = None, method: str = METHOD
 ) -> nn.Module:
     """:func:`apply_paper_init` with a validated config; ``method`` marks the model (residual_scaling passes its own)."""
     optimizers = check_optimizers(METHOD, optimizers)
@@ -230,4 +221,4 @@ class PaperInit(ReparamAlgorithm):
     """
 
     config_class = PaperInitConfig
-    apply_config = apply_paper_init_config
+    apply_function = apply_paper_init

@@ -19,18 +19,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
-from typing import Optional, Union
 
 import torch
 from torch import nn
-from torch.optim import Optimizer
 
 from wesar_composer.algorithms.paper_init import PaperInitConfig
 from wesar_composer.algorithms.paper_init.paper_init import apply_paper_init_config
 from wesar_composer.algorithms.residual_scaling.modules import METHOD, ResidualScaledLinear
 from wesar_composer.reparam.algorithm import ReparamAlgorithm
-from wesar_composer.reparam.checks import check_optimizers
+from wesar_composer.reparam.checks import Optimizers, check_optimizers
 from wesar_composer.reparam.init import MatrixInit
 from wesar_composer.reparam.surgery import adopt, discover, is_meta, swap_modules
 from wesar_composer.roles import RESIDUAL_ROLES, unwrap
@@ -59,11 +56,7 @@ class ResidualScalingConfig(PaperInitConfig):
 
 
 def apply_residual_scaling(
-    model: nn.Module,
-    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]] = None,
-    *,
-    seed: Optional[int] = None,
-    **hparams,
+    model: nn.Module, optimizers: Optimizers = None, *, seed: int | None = None, **hparams
 ) -> nn.Module:
     """Move the 1/sqrt(2N) of W_o and W_d from their init into the forward pass (Appendix C.3).
 
@@ -75,16 +68,7 @@ def apply_residual_scaling(
     the optimizer. ``init_mode`` and ``seed`` are paper_init's. Everything is validated before
     the model changes.
     """
-    return apply_residual_scaling_config(model, optimizers, ResidualScalingConfig.from_kwargs(**hparams), seed)
-
-
-def apply_residual_scaling_config(
-    model: nn.Module,
-    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]],
-    config: ResidualScalingConfig,
-    seed: Optional[int] = None,
-) -> nn.Module:
-    """:func:`apply_residual_scaling` with a validated config."""
+    config = ResidualScalingConfig.from_kwargs(**hparams)
     check_optimizers(METHOD, optimizers)
     shape, specs, _ = discover(model, METHOD, config.role_map, config.init_mode, config.init_modes)
     residual = [s for s in specs if set(s.roles) <= set(RESIDUAL_ROLES)]
@@ -131,4 +115,4 @@ class ResidualScaling(ReparamAlgorithm):
     """
 
     config_class = ResidualScalingConfig
-    apply_config = apply_residual_scaling_config
+    apply_function = apply_residual_scaling

@@ -23,13 +23,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Optional
 
 from composer.core import Event, State
 from composer.loggers import Logger
 from torch import nn
-from torch.optim import Optimizer
 
 from wesar_composer.algorithms.sigma_reparam.modules import (
     METHOD,
@@ -38,7 +36,7 @@ from wesar_composer.algorithms.sigma_reparam.modules import (
     request_power_iteration,
 )
 from wesar_composer.reparam.algorithm import ReparamAlgorithm
-from wesar_composer.reparam.checks import check_bool, check_non_negative, check_optimizers, check_positive
+from wesar_composer.reparam.checks import Optimizers, check_bool, check_non_negative, check_optimizers, check_positive
 from wesar_composer.reparam.config import ReparamConfig
 from wesar_composer.reparam.surgery import add_param_group, adopt, discover, install
 from wesar_composer.roles import MatrixSpec, ModelShape
@@ -89,11 +87,7 @@ def embedding_output_scale(num_embeddings: int, embedding_dim: int) -> float:
 
 
 def apply_sigma_reparam(
-    model: nn.Module,
-    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]] = None,
-    *,
-    seed: Optional[int] = None,
-    **hparams,
+    model: nn.Module, optimizers: Optimizers = None, *, seed: int | None = None, **hparams
 ) -> nn.Module:
     """Reparameterize every weight matrix of ``model`` as a / ||W||_2 * W (Appendix C.2).
 
@@ -107,16 +101,7 @@ def apply_sigma_reparam(
     :func:`~wesar_composer.algorithms.sigma_reparam.request_power_iteration` once per step.
     Everything is validated before the model changes.
     """
-    return apply_sigma_reparam_config(model, optimizers, SigmaReparamConfig.from_kwargs(**hparams), seed)
-
-
-def apply_sigma_reparam_config(
-    model: nn.Module,
-    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]],
-    config: SigmaReparamConfig,
-    seed: Optional[int] = None,
-) -> nn.Module:
-    """:func:`apply_sigma_reparam` with a validated config."""
+    config = SigmaReparamConfig.from_kwargs(**hparams)
     sigma = math.sqrt(config.sigma_squared)
     optimizers = check_optimizers(METHOD, optimizers)
     shape, specs, _ = discover(model, METHOD, config.role_map, config.init_mode, config.init_modes)
@@ -181,7 +166,7 @@ class SigmaReparam(ReparamAlgorithm):
     """
 
     config_class = SigmaReparamConfig
-    apply_config = apply_sigma_reparam_config
+    apply_function = apply_sigma_reparam
 
     def match(self, event: Event, state: State) -> bool:
         return event == Event.BATCH_START or super().match(event, state)

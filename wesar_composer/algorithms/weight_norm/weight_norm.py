@@ -13,15 +13,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Optional
 
 from torch import nn
-from torch.optim import Optimizer
 
 from wesar_composer.algorithms.weight_norm.modules import METHOD, WeightNormEmbedding, WeightNormLinear
 from wesar_composer.reparam.algorithm import ReparamAlgorithm
-from wesar_composer.reparam.checks import check_bool, check_non_negative, check_optimizers, check_positive
+from wesar_composer.reparam.checks import Optimizers, check_bool, check_non_negative, check_optimizers, check_positive
 from wesar_composer.reparam.config import ReparamConfig
 from wesar_composer.reparam.surgery import add_param_group, adopt, discover, install
 from wesar_composer.roles import MatrixSpec
@@ -61,11 +59,7 @@ class WeightNormConfig(ReparamConfig):
 
 
 def apply_weight_norm(
-    model: nn.Module,
-    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]] = None,
-    *,
-    seed: Optional[int] = None,
-    **hparams,
+    model: nn.Module, optimizers: Optimizers = None, *, seed: int | None = None, **hparams
 ) -> nn.Module:
     """Weight-normalize every row of every weight matrix of ``model`` (Appendix C.1).
 
@@ -78,16 +72,7 @@ def apply_weight_norm(
     with ``gain_weight_decay``. A meta-device model gets the same init when Composer
     materializes it. Everything is validated before the model changes.
     """
-    return apply_weight_norm_config(model, optimizers, WeightNormConfig.from_kwargs(**hparams), seed)
-
-
-def apply_weight_norm_config(
-    model: nn.Module,
-    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]],
-    config: WeightNormConfig,
-    seed: Optional[int] = None,
-) -> nn.Module:
-    """:func:`apply_weight_norm` with a validated config."""
+    config = WeightNormConfig.from_kwargs(**hparams)
     sigma = math.sqrt(config.sigma_squared)
     optimizers = check_optimizers(METHOD, optimizers)
     _, specs, _ = discover(model, METHOD, config.role_map, config.init_mode, config.init_modes)
@@ -132,4 +117,4 @@ class WeightNorm(ReparamAlgorithm):
     """
 
     config_class = WeightNormConfig
-    apply_config = apply_weight_norm_config
+    apply_function = apply_weight_norm

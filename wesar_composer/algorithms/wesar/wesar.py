@@ -5,17 +5,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from composer.utils import dist
 from torch import nn
-from torch.optim import Optimizer
 
 from wesar_composer.algorithms.wesar.modules import METHOD, GatedEmbedding, GatedLinear, refresh_nonzero_gates
 from wesar_composer.reparam.algorithm import ReparamAlgorithm
 from wesar_composer.reparam.checks import (
+    Optimizers,
     check_bool,
     check_choice,
     check_non_negative,
@@ -76,13 +75,7 @@ class WeSaRConfig(ReparamConfig):
         super().validate()
 
 
-def apply_wesar(
-    model: nn.Module,
-    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]] = None,
-    *,
-    seed: Optional[int] = None,
-    **hparams,
-) -> nn.Module:
+def apply_wesar(model: nn.Module, optimizers: Optimizers = None, *, seed: int | None = None, **hparams) -> nn.Module:
     """Reparameterize every weight matrix W of ``model`` as a_r * W (Section 4.1).
 
     ``hparams`` are :class:`WeSaRConfig`'s fields (``sigma_squared``, ``backbone``,
@@ -113,16 +106,7 @@ def apply_wesar(
     :func:`refresh_nonzero_gates` (one small device-to-host read); a loop that trains the gates
     with an optimizer it adds them to itself calls it after each step.
     """
-    return apply_wesar_config(model, optimizers, WeSaRConfig.from_kwargs(**hparams), seed)
-
-
-def apply_wesar_config(
-    model: nn.Module,
-    optimizers: Optional[Union[Optimizer, Sequence[Optimizer]]],
-    config: WeSaRConfig,
-    seed: Optional[int] = None,
-) -> nn.Module:
-    """:func:`apply_wesar` with a validated config."""
+    config = WeSaRConfig.from_kwargs(**hparams)
     optimizers = check_optimizers(METHOD, optimizers)
     shape, specs, mode = discover(model, METHOD, config.role_map, config.init_mode, config.init_modes)
     sigma_squared = config.sigma_squared
@@ -259,4 +243,4 @@ class WeSaR(ReparamAlgorithm):
     """
 
     config_class = WeSaRConfig
-    apply_config = apply_wesar_config
+    apply_function = apply_wesar
