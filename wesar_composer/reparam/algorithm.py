@@ -24,6 +24,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from wesar_composer.reparam.checkpoints import CheckedLoadPlanner, check_sharded_checkpoint, guard_model_loads
+from wesar_composer.reparam.compile import make_registry_lookups_compilable
 from wesar_composer.reparam.config import ReparamConfig
 from wesar_composer.reparam.fold import export_merged, reparameterized_modules
 from wesar_composer.reparam.pretrained import any_rank, pretrained_model_name, resolve_init_mode
@@ -77,6 +78,7 @@ class ReparamAlgorithm(Algorithm):
             if state.fsdp_sharded_state_dict_enabled:
                 check_sharded_checkpoint(state.load_path, state.model)
             return None
+        make_registry_lookups_compilable()  # compile_config on Python 3.12 (see reparam.compile)
         local = pretrained_model_name(state.model) is not None
         pretrained = any_rank(local, state.device._device) if state.device is not None else local
         init_mode = resolve_init_mode(self.method, self.init_mode, state.model, self.init_modes, pretrained=pretrained)
