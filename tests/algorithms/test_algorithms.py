@@ -21,7 +21,6 @@ import pytest
 import torch
 from composer import Trainer
 from composer.loggers import InMemoryLogger
-from composer.optim import DecoupledAdamW
 from llmfoundry.utils.builders import build_algorithm, build_callback
 from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -34,7 +33,8 @@ from tests.algorithms.algorithm_settings import (
     AlgorithmSettings,
     settings_params,
 )
-from tests.common import TokenBatches, mpt, token_batch
+from tests.common import TokenBatches, cpu_trainer, mpt, snapshot, token_batch
+from tests.common import assert_unchanged as assert_state_unchanged
 from wesar_composer import LossSpikeCounter, UpdateRatioMonitor, WeSaR, ZLoss, merge_reparameterization
 from wesar_composer.algorithms.sigma_reparam import request_power_iteration
 
@@ -42,16 +42,10 @@ TRAIN_MODEL = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=256, max_seq_le
 
 
 def trainer_for(settings: AlgorithmSettings, **kwargs) -> Trainer:
-    model = mpt(**TRAIN_MODEL)
-    return Trainer(
-        model=model,
-        train_dataloader=DataLoader(TokenBatches(n=16, seq=32, vocab=256), batch_size=4),
-        optimizers=DecoupledAdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=1e-5),
+    return cpu_trainer(
+        mpt(**TRAIN_MODEL),
+        dataloader=DataLoader(TokenBatches(n=16, seq=32, vocab=256), batch_size=4),
         algorithms=[settings.build()],
-        device='cpu',
-        seed=17,
-        progress_bar=False,
-        log_to_console=False,
         **kwargs,
     )
 
@@ -245,14 +239,8 @@ def test_fold_back_gives_the_same_logits_and_the_plain_state_dict(settings, tied
 # --- refusals -------------------------------------------------------------------------------
 
 
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def assert_unchanged(model, before):
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert_state_unchanged(model, before)
     assert not any(hasattr(m, 'gate') or hasattr(m, 'weight_g') for m in model.modules())
 
 

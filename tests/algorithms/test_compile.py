@@ -4,7 +4,7 @@ Dynamo cannot trace on Python 3.12 is answered from a cache."""
 import pytest
 import torch
 
-from tests.common import mpt, token_batch
+from tests.common import mpt, token_batch, train_losses
 from wesar_composer import apply_wesar
 from wesar_composer.reparam.compile import make_registry_lookups_compilable
 
@@ -12,16 +12,9 @@ from wesar_composer.reparam.compile import make_registry_lookups_compilable
 def _losses(compiled: bool, steps: int = 3) -> list[float]:
     model = apply_wesar(mpt(d_model=64, n_heads=4, n_layers=2, vocab_size=256, max_seq_len=32, seed=3), seed=3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # gates included: built after the surgery
-    step = torch.compile(model, backend='inductor') if compiled else model
-    losses = []
-    for i in range(steps):
-        batch = token_batch(seed=i, batch=2, seq=32, vocab=256)
-        optimizer.zero_grad()
-        loss = model.loss(step(batch), batch)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    forward = torch.compile(model, backend='inductor') if compiled else model
+    batches = (token_batch(seed=i, batch=2, seq=32, vocab=256) for i in range(steps))
+    return train_losses(model, optimizer, batches, forward)
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import pytest
 import torch
 from composer.optim import DecoupledAdamW
 
-from tests.common import mpt
+from tests.common import assert_unchanged, mpt, snapshot, train_losses
 from wesar_composer import PaperInit, apply_paper_init, apply_wesar
 
 SIGMA_SQUARED = 4e-5
@@ -19,15 +19,7 @@ def _batch(vocab_size=512, seed=0):
 
 
 def _train(model, optimizer, steps=6):
-    losses = []
-    for _ in range(steps):
-        batch = _batch()
-        optimizer.zero_grad()
-        loss = model.loss(model(batch), batch)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    return train_losses(model, optimizer, (_batch() for _ in range(steps)))
 
 
 def _optimizer(model, lr=3e-4):
@@ -73,14 +65,14 @@ def test_matrix_lr_groups():
 
 def test_matrix_lr_refusals():
     model = mpt(n_layers=2, tie_word_embeddings=True)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     with pytest.raises(ValueError, match='needs the optimizer'):
         apply_paper_init(model, backbone='he', matrix_lr_sigma_squared=4e-5)
     with pytest.raises(ValueError, match='untied embeddings'):
         apply_paper_init(model, _optimizer(model), backbone='he', matrix_lr_sigma_squared=4e-5)
     with pytest.raises(ValueError, match='matrix_lr_sigma_squared must be a positive'):
         PaperInit(matrix_lr_sigma_squared=0)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_unchanged(model, before)
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import pytest
 import torch
 from llmfoundry.utils.builders import build_algorithm
 
-from tests.common import SHAPE_130M, llama, mpt, table1_std
+from tests.common import SHAPE_130M, assert_unchanged, llama, mpt, snapshot, table1_std
 from wesar_composer import PaperInit, apply_paper_init, apply_wesar
 from wesar_composer.algorithms.paper_init import ScaledEmbedding
 
@@ -134,10 +134,10 @@ def test_bad_backbone_is_refused_before_any_change():
     with pytest.raises(ValueError, match="backbone must be one of \\('he', 'small'\\), got 'xavier'"):
         PaperInit(backbone='xavier')
     model = mpt(d_model=64, n_heads=2, n_layers=2, vocab_size=256)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     with pytest.raises(ValueError, match='xavier'):
         apply_paper_init(model, backbone='xavier')
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_unchanged(model, before)
 
 
 def test_applied_twice_or_on_wesar_is_refused():

@@ -19,7 +19,9 @@ from llmfoundry.utils.builders import build_algorithm
 from torch import nn
 
 from tests.algorithms.algorithm_settings import SETTINGS
-from tests.common import mpt
+from tests.common import assert_unchanged as assert_state_unchanged
+from tests.common import mpt, token_batch
+from tests.common import snapshot as state_snapshot
 from wesar_composer import (
     ResidualScaling,
     SigmaReparam,
@@ -44,11 +46,6 @@ def tiny(seed=0, **kwargs):
     return mpt(**{**TINY, **kwargs}, seed=seed)
 
 
-def batch_of(seed=0, batch=4, seq=32, vocab=256):
-    tokens = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
-    return {'input_ids': tokens, 'labels': tokens.clone(), 'attention_mask': torch.ones_like(tokens)}
-
-
 def logits(model, tokens):
     with torch.no_grad():
         return model.model(tokens).logits
@@ -58,7 +55,7 @@ def train_steps(model, optimizer, steps=3):
     model.train()
     for i in range(steps):
         request_power_iteration(model)
-        batch = batch_of(seed=i)
+        batch = token_batch(seed=i)
         optimizer.zero_grad()
         model.loss(model(batch), batch).backward()
         optimizer.step()
@@ -96,7 +93,7 @@ def test_weight_norm_is_the_plain_model_at_init():
         torch.testing.assert_close(m.virtual_weight(), m.weight.detach(), rtol=1e-5, atol=1e-8)
     state = {k: v for k, v in model.model.state_dict().items() if not k.endswith('weight_g')}
     state['transformer.wte.weight'] = state['transformer.wte.weight'] / sigma
-    tokens = batch_of()['input_ids']
+    tokens = token_batch()['input_ids']
     torch.testing.assert_close(
         logits(model.eval(), tokens), logits(plain_with(model, state), tokens), rtol=1e-4, atol=1e-5
     )
@@ -106,7 +103,7 @@ def test_weight_norm_rows_have_length_g_after_training_and_gradients_are_orthogo
     model = apply_weight_norm(tiny())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     train_steps(model, optimizer)
-    batch = batch_of(seed=9)
+    batch = token_batch(seed=9)
     model.zero_grad()
     model.loss(model(batch), batch).backward()
     for m in model.modules():
@@ -183,7 +180,7 @@ def test_sigma_reparam_at_init_every_matrix_has_spectral_norm_one():
                 * (math.sqrt(TINY['vocab_size']) + math.sqrt(TINY['d_model']))
             )
     state.update({k: v for k, v in model.model.state_dict().items() if 'norm' in k and k.endswith('weight')})
-    tokens = batch_of()['input_ids']
+    tokens = token_batch()['input_ids']
     torch.testing.assert_close(
         logits(model.eval(), tokens), logits(plain_with(model, state), tokens), rtol=1e-4, atol=1e-5
     )
@@ -217,13 +214,13 @@ def test_sigma_reparam_iterates_once_per_step_and_does_not_differentiate_sigma(m
         request_power_iteration(model)
         optimizer.zero_grad()
         for micro in range(2):  # gradient accumulation: two forwards, one iteration
-            batch = batch_of(seed=10 * step + micro, batch=2)
+            batch = token_batch(seed=10 * step + micro, batch=2)
             model.loss(model(batch), batch).backward()
         optimizer.step()
     linear = [m for m in model.modules() if isinstance(m, SigmaReparamLinear)]
     assert len(calls) == 3 * len(linear)
     model.eval()
-    logits(model, batch_of()['input_ids'])
+    logits(model, token_batch()['input_ids'])
     assert len(calls) == 3 * len(linear)  # eval forwards use the stored estimate
 
     # dL/dW = a / sigma * dL/dW_bar with sigma a constant, which differs from differentiating sigma = u^T W v
@@ -284,7 +281,7 @@ def test_residual_scaling_is_paper_init_at_init_with_the_scale_in_the_forward(ba
     d, n = TINY['d_model'], TINY['n_layers']
     reference = apply_paper_init(tiny(seed=3), backbone=backbone)
     model = apply_residual_scaling(tiny(seed=3), backbone=backbone)
-    tokens = batch_of()['input_ids']
+    tokens = token_batch()['input_ids']
     torch.testing.assert_close(logits(model.eval(), tokens), logits(reference.eval(), tokens), rtol=1e-5, atol=2e-6)
     scaled = {n_: m for n_, m in model.model.named_modules() if isinstance(m, ResidualScaledLinear)}
     assert sorted(n_.rpartition('.')[2] for n_ in scaled) == sorted(['out_proj', 'down_proj'] * n)
@@ -320,7 +317,7 @@ def test_meta_device_init_matches_the_method(method):
                 assert m.sn_sigma[i].item() == pytest.approx(torch.linalg.matrix_norm(w, ord=2).item(), rel=1e-5)
         elif isinstance(m, ResidualScaledLinear):
             assert m.weight.std().item() == pytest.approx(math.sqrt(2 / (5 * TINY['d_model'])), rel=0.06)
-    batch = batch_of()
+    batch = token_batch()
     assert torch.isfinite(model.loss(model(batch), batch))
 
 
@@ -332,7 +329,7 @@ def test_update_ratio_monitor_measures_the_actual_weights(method):
     monitor = UpdateRatioMonitor(log_interval=1, families='all', layers='all')
     monitor.discover(model)
     monitor.attach(model)
-    batch = batch_of()
+    batch = token_batch()
     request_power_iteration(model)
     optimizer.zero_grad()
     model.loss(model(batch), batch).backward()
@@ -373,13 +370,12 @@ ALGORITHMS = {'weight_norm': WeightNorm, 'sigma_reparam': SigmaReparam, 'residua
 
 
 def snapshot(model):
-    return [type(m) for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()}
+    return [type(m) for m in model.modules()], state_snapshot(model)
 
 
 def assert_unchanged(model, snap):
-    types, state = snapshot(model)
-    assert types == snap[0]
-    assert state.keys() == snap[1].keys() and all(torch.equal(state[k], snap[1][k]) for k in state)
+    assert [type(m) for m in model.modules()] == snap[0]
+    assert_state_unchanged(model, snap[1])
 
 
 @pytest.mark.parametrize('method,hparams,message', BAD)

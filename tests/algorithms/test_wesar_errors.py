@@ -3,22 +3,10 @@
 import math
 
 import pytest
-import torch
 from torch import nn
 
-from tests.common import mpt
+from tests.common import assert_unchanged, mpt, snapshot
 from wesar_composer import WeSaR, apply_wesar
-
-
-def snapshot(model):
-    return {name: p.detach().clone() for name, p in model.state_dict().items()}
-
-
-def assert_unchanged(model, before):
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for name, value in before.items():
-        assert torch.equal(after[name], value), name
 
 
 @pytest.mark.parametrize('bad', [0.0, -4e-5, math.inf, math.nan, '4e-5', True])

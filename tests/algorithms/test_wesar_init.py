@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tests.common import SHAPE_130M, llama, mpt
+from tests.common import SHAPE_130M, assert_unchanged, llama, mpt, snapshot
 from tests.common import table1_std as paper_table1_std
 from wesar_composer import apply_wesar, gate_table, merge_gates
 from wesar_composer.algorithms.wesar.wesar import GATED_MODULES
@@ -118,9 +118,9 @@ def test_sigma_reference_width_refuses_bad_values(bad):
     from wesar_composer import WeSaR
 
     model = mpt(n_layers=2)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     with pytest.raises(ValueError, match=f'sigma_reference_width must be a positive integer.*got {bad!r}'):
         apply_wesar(model, sigma_reference_width=bad)
     with pytest.raises(ValueError, match='sigma_reference_width'):
         WeSaR(sigma_reference_width=bad)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_unchanged(model, before)

@@ -1,28 +1,14 @@
 """WeSaR inside a Composer Trainer: optimizer groups, trainable and fixed gates, checkpoint resume."""
 
 import pytest
-from composer import Trainer
-from composer.optim import DecoupledAdamW
-from torch.utils.data import DataLoader
 
-from tests.common import TokenBatches, mpt
+from tests.common import cpu_trainer, mpt
 from wesar_composer import WeSaR, gate_table
 from wesar_composer.algorithms.wesar import GatedLinear
 
 
 def trainer(model, duration='2ba', **kwargs):
-    optimizer = DecoupledAdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=1e-5)
-    return Trainer(
-        model=model,
-        train_dataloader=DataLoader(TokenBatches(), batch_size=4),
-        optimizers=optimizer,
-        max_duration=duration,
-        device='cpu',
-        seed=17,
-        progress_bar=False,
-        log_to_console=False,
-        **kwargs,
-    )
+    return cpu_trainer(model, max_duration=duration, **kwargs)
 
 
 def test_gates_get_their_own_param_group_and_train():

@@ -49,19 +49,26 @@ def mpt(
     )
 
 
-def llama(tmp_path, d_model=128, n_heads=4, kv_heads=2, n_layers=4, vocab_size=512, tie=False, seed=0):
-    """A Llama-style model (GLU FFN, GQA) built through llm-foundry's hf_causal_lm, pretrained: false."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def llama_config(
+    d_model=128, n_heads=4, kv_heads=2, n_layers=4, vocab_size=512, tie=False, max_positions=128
+) -> LlamaConfig:
+    """The Hugging Face config of a Llama-style model: GLU FFN of width 4d, GQA."""
+    return LlamaConfig(
         hidden_size=d_model,
         intermediate_size=4 * d_model,
         num_attention_heads=n_heads,
         num_key_value_heads=kv_heads,
         num_hidden_layers=n_layers,
         vocab_size=vocab_size,
-        max_position_embeddings=128,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=tie,
     )
+
+
+def llama(tmp_path, d_model=128, n_heads=4, kv_heads=2, n_layers=4, vocab_size=512, tie=False, seed=0):
+    """A Llama-style model (GLU FFN, GQA) built through llm-foundry's hf_causal_lm, pretrained: false."""
+    torch.manual_seed(seed)
+    config = llama_config(d_model, n_heads, kv_heads, n_layers, vocab_size, tie)
     path = tmp_path / 'llama_config'
     config.save_pretrained(path)
     return ComposerHFCausalLM(

@@ -16,6 +16,7 @@ from llmfoundry.utils.config_utils import TRAIN_CONFIG_KEYS, make_dataclass_and_
 from omegaconf import OmegaConf as om
 
 from tests.common.callbacks import FIRST_BATCH_LOSS, first_batch_loss, register_first_batch_loss
+from tests.common.recipes import tiny_recipe_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / 'yamls' / 'paper'
@@ -104,38 +105,14 @@ def test_sigma_reparam_recipe_trains_through_llmfoundry(tiny_mds, tmp_path, monk
     """The recipe scaled down to the tiny model and data; everything else as written."""
     monkeypatch.chdir(tmp_path)
     register_first_batch_loss()
-    overrides = [
-        f'variables.data_local={tiny_mds.mds}',
-        f'variables.tokenizer_name={tiny_mds.tokenizer}',
-        f'variables.max_seq_len={tiny_mds.seq_len}',
+    overrides = tiny_recipe_overrides(
+        tiny_mds,
         'loggers={}',
-        'save_folder=null',
-        'python_log_level=null',
-        'model.d_model=64',
-        'model.n_heads=2',
-        'model.n_layers=2',
-        f'model.vocab_size={tiny_mds.vocab_size}',
-        'model.init_device=cpu',
-        'model.attn_config.attn_impl=torch',
-        'model.attn_config.rope_impl=hf',
-        'model.loss_fn=torch_crossentropy',
-        'precision=fp32',
-        'fsdp_config=null',
-        'global_train_batch_size=8',
-        'device_train_microbatch_size=8',
-        'device_eval_batch_size=8',
-        'max_duration=3ba',
-        'scheduler.t_warmup=1ba',
-        'eval_interval=2ba',
-        'eval_subset_num_batches=1',
-        'callbacks.update_ratio_monitor.log_interval=1',
         f'callbacks.{FIRST_BATCH_LOSS}={{}}',
-        *[
-            f'{loader}.{key}={value}'
-            for loader in ('train_loader', 'eval_loader')
-            for key, value in (('num_workers', 0), ('prefetch_factor', 'null'), ('persistent_workers', 'false'))
-        ],
-    ]
+        microbatch=8,
+        max_duration='3ba',
+        eval_interval='2ba',
+    )
     trainer = train_from_yaml(str(PAPER / 'sigma_reparam-1.3b-rapid-10b.yaml'), overrides)
     assert {type(a).__name__ for a in trainer.state.algorithms} == {'GradientClipping', 'ZLoss', 'SigmaReparam'}
     assert trainer.state.timestamp.batch.value == 3

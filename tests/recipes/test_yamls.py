@@ -18,6 +18,7 @@ from llmfoundry.utils.builders import build_algorithm, build_callback, build_com
 from llmfoundry.utils.config_utils import TRAIN_CONFIG_KEYS, make_dataclass_and_log_config, process_init_device
 from omegaconf import OmegaConf as om
 
+from tests.common.recipes import tiny_recipe_overrides
 from wesar_composer import PaperInit, WeSaR, ZLoss
 from wesar_composer.algorithms.wesar.wesar import GATED_MODULES
 
@@ -201,38 +202,14 @@ def test_decoupled_weight_decay_equals_torch_adamw_0_01(lr):
 # Scaled down to run on a CPU: a tiny model on the tiny corpus; everything else as in the recipe
 # (algorithms, callbacks, MLflow logger, optimizer, schedule shape).
 def tiny_overrides(data, tracking_dir):
-    return [
-        f'variables.data_local={data.mds}',
-        f'variables.tokenizer_name={data.tokenizer}',
-        f'variables.max_seq_len={data.seq_len}',
+    return tiny_recipe_overrides(
+        data,
         f'variables.mlflow_tracking_uri=file://{tracking_dir}',
-        'save_folder=null',
-        'python_log_level=null',
-        'model.d_model=64',
-        'model.n_heads=2',
-        'model.n_layers=2',
-        f'model.vocab_size={data.vocab_size}',
-        'model.init_device=cpu',
-        'model.attn_config.attn_impl=torch',
-        'model.attn_config.rope_impl=hf',
-        'model.loss_fn=torch_crossentropy',
-        'precision=fp32',
-        'fsdp_config=null',
-        'global_train_batch_size=8',
-        'device_train_microbatch_size=4',
-        'device_eval_batch_size=8',
-        'max_duration=4ba',
-        'scheduler.t_warmup=1ba',
-        'eval_interval=4ba',
-        'eval_subset_num_batches=1',
-        'callbacks.update_ratio_monitor.log_interval=1',
         'console_log_interval=1ba',
-        *[
-            f'{loader}.{key}={value}'
-            for loader in ('train_loader', 'eval_loader')
-            for key, value in (('num_workers', 0), ('prefetch_factor', 'null'), ('persistent_workers', 'false'))
-        ],
-    ]
+        microbatch=4,
+        max_duration='4ba',
+        eval_interval='4ba',
+    )
 
 
 @pytest.mark.slow

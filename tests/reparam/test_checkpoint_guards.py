@@ -5,7 +5,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from tests.common import mpt
+from tests.common import assert_unchanged, mpt, snapshot
+from tests.common.checkpoints import train_and_save
 from wesar_composer import apply_paper_init, apply_sigma_reparam, apply_weight_norm, apply_wesar
 from wesar_composer.reparam.checkpoints import (
     CheckedLoadPlanner,
@@ -32,10 +33,10 @@ def test_model_load_of_a_wesar_checkpoint_without_wesar():
 def test_model_load_of_a_plain_checkpoint_into_wesar():
     saved = mpt(n_layers=2).state_dict()
     model = guard(apply_wesar(mpt(n_layers=2)))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     with pytest.raises(ValueError, match='saved by a run without the wesar algorithm.*init_mode: preserve'):
         model.load_state_dict(saved, strict=False)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing loaded
+    assert_unchanged(model, before)  # nothing loaded
 
 
 def test_matching_checkpoint_loads():
@@ -77,29 +78,8 @@ def test_train_from_yaml_refuses_a_wesar_checkpoint_in_a_small_init_run(tiny_tra
     from llmfoundry.command_utils import train_from_yaml
 
     monkeypatch.chdir(tmp_path)
-    train_from_yaml(
-        str(
-            tiny_train_yaml(
-                algorithms={'wesar': {}},
-                max_duration='2ba',
-                eval_interval='2ba',
-                save_folder=str(tmp_path / 'wesar'),
-                save_interval='2ba',
-            )
-        )
-    )
-    train_from_yaml(
-        str(
-            tiny_train_yaml(
-                algorithms={'paper_init': {}},
-                max_duration='2ba',
-                eval_interval='2ba',
-                save_folder=str(tmp_path / 'small'),
-                save_interval='2ba',
-            )
-        )
-    )
-    wesar_ckpt, small_ckpt = tmp_path / 'wesar' / 'ep0-ba2-rank0.pt', tmp_path / 'small' / 'ep0-ba2-rank0.pt'
+    wesar_ckpt = train_and_save(tiny_train_yaml, tmp_path / 'wesar', {'wesar': {}})
+    small_ckpt = train_and_save(tiny_train_yaml, tmp_path / 'small', {'paper_init': {}})
     assert wesar_ckpt.exists() and small_ckpt.exists()
     with pytest.raises(ValueError, match='saved by a run with the wesar algorithm'):
         train_from_yaml(

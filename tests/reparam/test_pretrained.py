@@ -3,9 +3,9 @@
 import pytest
 import torch
 from llmfoundry.models.hf import ComposerHFCausalLM
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from tests.common import APPLY_WITH_SEED
+from tests.common import APPLY_WITH_SEED, assert_unchanged, llama_config, snapshot
 from wesar_composer import WeSaR, apply_wesar, gate_table, merge_gates
 from wesar_composer.algorithms.wesar import GatedEmbedding, GatedLinear
 
@@ -14,17 +14,7 @@ from wesar_composer.algorithms.wesar import GatedEmbedding, GatedLinear
 def saved_llama(tmp_path_factory):
     """A Llama-style model (GQA, GLU) with trained-looking weights: stds that differ by matrix."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        vocab_size=512,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(llama_config(d_model=64, n_heads=4, kv_heads=2, n_layers=2, max_positions=64))
     with torch.no_grad():
         for i, p in enumerate(model.parameters()):
             if p.dim() == 2:
@@ -51,11 +41,10 @@ TOKENS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(
 @pytest.mark.parametrize('method', list(APPLY_WITH_SEED))
 def test_every_algorithm_refuses_pretrained_weights_by_default(saved_llama, method):
     model = load(saved_llama)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     with pytest.raises(ValueError, match=f'{method}: the model holds pretrained weights .*LlamaForCausalLM'):
         APPLY_WITH_SEED[method](model)
-    after = model.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert_unchanged(model, before)
 
 
 def test_a_model_built_from_its_config_is_not_taken_for_a_pretrained_one(saved_llama):

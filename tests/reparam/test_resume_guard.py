@@ -10,6 +10,7 @@ import torch.distributed.checkpoint as dcp
 import yaml
 
 from tests.common import mpt
+from tests.common.checkpoints import train_and_save
 from wesar_composer import apply_sigma_reparam, apply_weight_norm, apply_wesar
 from wesar_composer.reparam import resume_guard
 from wesar_composer.reparam.resume_guard import check_resume, checkpoint_to_load
@@ -115,18 +116,7 @@ def test_train_from_yaml_stops_before_training_on_a_wesar_checkpoint_without_wes
     from llmfoundry.command_utils import train_from_yaml
 
     monkeypatch.chdir(tmp_path)
-    train_from_yaml(
-        str(
-            tiny_train_yaml(
-                algorithms={'wesar': {}},
-                max_duration='2ba',
-                eval_interval='2ba',
-                save_folder=str(tmp_path / 'wesar'),
-                save_interval='2ba',
-            )
-        )
-    )
-    checkpoint = tmp_path / 'wesar' / 'ep0-ba2-rank0.pt'
+    checkpoint = train_and_save(tiny_train_yaml, tmp_path / 'wesar', {'wesar': {}})
     assert checkpoint.exists()
     resumed = tiny_train_yaml(max_duration='4ba', load_path=str(checkpoint), save_folder=str(tmp_path / 'resumed'))
     assert list(yaml.safe_load(resumed.read_text())['algorithms']) == ['gradient_clipping']
