@@ -273,3 +273,5 @@ def test_registered_for_llm_foundry_yamls():
 
     guard = build_callback('spike_guard', kwargs={'action': 'log'})
     assert isinstance(guard, SpikeGuard) and guard.action == 'log'
+    with pytest.raises(TypeError, match=r"got unknown hyperparameter\(s\) \['actoin'\]; valid ones are \[.*'action'"):
+        build_callback('spike_guard', kwargs={'actoin': 'log'})
