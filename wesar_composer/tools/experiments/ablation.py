@@ -20,6 +20,7 @@ from typing import Optional
 
 from wesar_composer.tools.experiments.grid import ABLATION_ARMS, FULL, METHODS, SHAPES, arm_sigma
 from wesar_composer.tools.experiments.measures import EQUIVALENCE_MARGIN, Paired, basin, mean_sd, sensitivity
+from wesar_composer.tools.experiments.tables import best_in_bold, sweep_table
 
 __all__ = ['AblationArm', 'summarize_ablation', 'ablation_decisions', 'render_ablation_tables', 'COMPARISONS']
 
@@ -262,20 +263,16 @@ def table_ablation(summary) -> str:
 
 def table_ablation_sweep(summary) -> str:
     ks = sorted({k for arm in summary.values() for k in arm.ks})
-    lines = [
-        '| shape | arm | ' + ' | '.join(f'{10 ** (k / 4):.3g}' for k in ks) + ' |',
-        '|---|---|' + '---|' * len(ks),
-    ]
-    for (shape, method), arm in summary.items():
-        cells = []
-        for k in ks:
-            if k not in arm.losses:
-                cells.append('')
-                continue
-            text = f'{arm.mean(k):.3f} ({len(arm.losses[k])})'
-            cells.append(f'**{text}**' if k == arm.best_k else text)
-        lines.append(f'| {_label(shape)} | {METHODS[method][0]} | ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+
+    def cell(arm: AblationArm, k: int) -> str:
+        if k not in arm.losses:
+            return ''
+        return best_in_bold(f'{arm.mean(k):.3f} ({len(arm.losses[k])})', k == arm.best_k)
+
+    return sweep_table(
+        [f'{10 ** (k / 4):.3g}' for k in ks],
+        [(_label(shape), METHODS[method][0], [cell(arm, k) for k in ks]) for (shape, method), arm in summary.items()],
+    )
 
 
 def render_ablation_tables(rows: list[dict]) -> dict[str, str]:

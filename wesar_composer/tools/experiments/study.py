@@ -19,6 +19,7 @@ from typing import Optional
 from wesar_composer.tools.experiments.grid import FULL, METHODS, REFINE_ARMS, SHAPES, arm_sigma, refine_lrs
 from wesar_composer.tools.experiments.measures import EQUIVALENCE_MARGIN, Paired, basin, sensitivity
 from wesar_composer.tools.experiments.measures import mean_sd as _stats
+from wesar_composer.tools.experiments.tables import best_in_bold, sweep_table
 
 __all__ = [
     'ArmSummary',
@@ -175,21 +176,20 @@ def table_arms(summary: dict[tuple[str, str], ArmSummary]) -> str:
 def table_sweep(summary: dict[tuple[str, str], ArmSummary]) -> str:
     """Mean validation loss at every lr, one row per shape and arm."""
     all_lrs = sorted({lr for s in summary.values() for lr in s.lrs})
-    lines = [
-        '| shape | arm | ' + ' | '.join(f'{lr:g}' for lr in all_lrs) + ' |',
-        '|---|---|' + '---|' * len(all_lrs),
-    ]
-    for (shape, method), s in summary.items():
-        cells = []
-        for lr in all_lrs:
-            if lr not in s.lrs:
-                cells.append('')
-                continue
-            m = s.means[s.lrs.index(lr)]
-            text = f'{m:.3f}' if math.isfinite(m) else 'diverged'
-            cells.append(f'**{text}**' if lr == s.best_lr else text)
-        lines.append(f'| {_shape_label(shape)} | {METHODS[method][0]} | ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+
+    def cell(s: ArmSummary, lr: float) -> str:
+        if lr not in s.lrs:
+            return ''
+        m = s.means[s.lrs.index(lr)]
+        return best_in_bold(f'{m:.3f}' if math.isfinite(m) else 'diverged', lr == s.best_lr)
+
+    return sweep_table(
+        [f'{lr:g}' for lr in all_lrs],
+        [
+            (_shape_label(shape), METHODS[method][0], [cell(s, lr) for lr in all_lrs])
+            for (shape, method), s in summary.items()
+        ],
+    )
 
 
 @dataclass

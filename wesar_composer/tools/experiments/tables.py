@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,27 @@ def _ms(values: Sequence[float], spec: str = '.3f') -> str:
     return f'{mean:{spec}} ± {std:{spec}}' if n > 1 else f'{mean:{spec}}'
 
 
+def _loss_cells(sel: list[dict]) -> str:
+    """The validation loss and perplexity of the runs ``sel``, mean ± std: two cells."""
+    return f'{_ms([r["val_loss"] for r in sel])} | {_ms([r["val_ppl"] for r in sel], ".1f")}'
+
+
+def _run_cells(sel: list[dict]) -> str:
+    """The spikes, the number and the wall time of the runs ``sel``: three cells."""
+    return f'{sum(r["spikes"] for r in sel)} | {len(sel)} | {_ms([r["wall_s"] for r in sel], ".0f")} s'
+
+
+def best_in_bold(text: str, best: bool) -> str:
+    return f'**{text}**' if best else text
+
+
+def sweep_table(columns: Sequence[str], rows: Iterable[tuple[str, str, Sequence[str]]]) -> str:
+    """A markdown table with a row per ``(shape, arm, cells)`` and a column per point of a sweep."""
+    lines = ['| shape | arm | ' + ' | '.join(columns) + ' |', '|---|---|' + '---|' * len(columns)]
+    lines += [f'| {shape} | {arm} | ' + ' | '.join(cells) + ' |' for shape, arm, cells in rows]
+    return '\n'.join(lines)
+
+
 # The paper's figures (1.3B, WikiText / LAMBADA perplexity): Tables 5 and 7 (30B tokens), Table 6
 # (10B tokens, mean (std) of five runs, time in hours with the overhead vs Small init).
 PAPER_T57 = {
@@ -141,9 +162,7 @@ def table_main(rows: list[dict], shape: str) -> str:
         mean = _stats([r['val_loss'] for r in sel])[0]
         delta = f'{mean - base:+.3f}' if method != 'small_rapid' and math.isfinite(base) else '-'
         lines.append(
-            f'| {METHODS[method][0]} | {_ms([r["val_loss"] for r in sel])} | {_ms([r["val_ppl"] for r in sel], ".1f")} | '
-            f'{delta} | {sum(r["spikes"] for r in sel)} | {len(sel)} | {_ms([r["wall_s"] for r in sel], ".0f")} s | '
-            f'{PAPER_T57[method]} |'
+            f'| {METHODS[method][0]} | {_loss_cells(sel)} | {delta} | {_run_cells(sel)} | {PAPER_T57[method]} |'
         )
     return '\n'.join(lines)
 
@@ -175,10 +194,8 @@ def table_reparam(rows: list[dict]) -> str:
             )
             paper_ppl, paper_time = PAPER_T6[method]
             lines.append(
-                f'| {METHODS[method][0]} ({shape}) | {_ms([r["val_loss"] for r in sel])} | '
-                f'{_ms([r["val_ppl"] for r in sel], ".1f")} | {sum(r["spikes"] for r in sel)} | {len(sel)} | '
-                f'{_ms([r["wall_s"] for r in sel], ".0f")} s | {_ms([r["batch_s"] for r in sel], ".3f")} | {rel} | '
-                f'{paper_ppl} | {paper_time} |'
+                f'| {METHODS[method][0]} ({shape}) | {_loss_cells(sel)} | {_run_cells(sel)} | '
+                f'{_ms([r["batch_s"] for r in sel], ".3f")} | {rel} | {paper_ppl} | {paper_time} |'
             )
     return '\n'.join(lines)
 
