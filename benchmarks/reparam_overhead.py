@@ -26,17 +26,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
+from common import SHAPES, make_batch, paper_mpt, timed_step
 
 from wesar_composer import apply_paper_init, apply_residual_scaling, apply_sigma_reparam, apply_weight_norm, apply_wesar
 from wesar_composer.algorithms.sigma_reparam import request_power_iteration
 
-SHAPES = {
-    '130m': dict(d_model=768, n_heads=12, n_layers=12),
-    '1.3b': dict(d_model=2048, n_heads=16, n_layers=24),
-}
 BASELINE = 'small_init'
 APPLY = {
     'small_init': lambda m: apply_paper_init(m, backbone='small'),
@@ -54,46 +50,16 @@ PAPER = {
 
 
 def build(method: str, shape: str, seq_len: int, device: str):
-    from llmfoundry.models.mpt import ComposerMPTCausalLM
-
     torch.manual_seed(0)
-    attn = {'attn_impl': 'flash' if device == 'cuda' else 'torch', 'rope': True, 'rope_impl': 'hf'}
-    model = ComposerMPTCausalLM(
-        **SHAPES[shape],
-        expansion_ratio=4,
-        max_seq_len=seq_len,
-        vocab_size=32000,
-        no_bias=True,
-        norm_type='rmsnorm',
-        attn_config=attn,
-        ffn_config={'ffn_type': 'mptmlp', 'ffn_act_fn': {'name': 'gelu'}},
-        tie_word_embeddings=False,
-        loss_fn='torch_crossentropy',
-        init_device='cpu',
-    )
+    model = paper_mpt(shape, seq_len, attn_impl='flash' if device == 'cuda' else 'torch')
     APPLY[method](model)
     model = model.to(device)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
 
 
 def step(model, optimizer, batch, device: str) -> float:
-    if device == 'cuda':
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    request_power_iteration(model)  # a no-op for the methods without a spectral norm
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
-        loss = model.loss(model(batch), batch)
-    loss.backward()
-    optimizer.step()
-    if device == 'cuda':
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def make_batch(batch_size: int, seq_len: int, device: str):
-    tokens = torch.randint(0, 32000, (batch_size, seq_len), device=device, generator=None)
-    return {'input_ids': tokens, 'labels': tokens.clone(), 'attention_mask': torch.ones_like(tokens)}
+    # request_power_iteration: a no-op for the methods without a spectral norm
+    return timed_step(model, optimizer, batch, device, before_forward=request_power_iteration)
 
 
 def side_by_side(args) -> tuple[dict[str, float], dict[str, float]]:

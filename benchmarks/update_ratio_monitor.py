@@ -30,31 +30,16 @@ SETTINGS = ('none', '1', '10', '2')  # '2': paired estimate, logging and quiet b
 def child(setting: str, seq: int, batch: int, steps: int, warmup: int) -> dict:
     """One run: returns per-step times (after warmup), time spent in the monitor, and peak RSS."""
     import torch
+    from common import paper_mpt
     from composer import Trainer
     from composer.core import Callback
     from composer.optim import DecoupledAdamW
-    from llmfoundry.models.mpt import ComposerMPTCausalLM
     from torch.utils.data import DataLoader
 
     from wesar_composer import UpdateRatioMonitor, WeSaR
 
     torch.manual_seed(0)
-    model = ComposerMPTCausalLM(
-        d_model=768,
-        n_heads=12,
-        n_layers=12,
-        expansion_ratio=4,
-        max_seq_len=seq,
-        vocab_size=32000,
-        no_bias=True,
-        norm_type='rmsnorm',
-        norm_eps=1e-5,
-        learned_pos_emb=False,
-        tie_word_embeddings=False,
-        attn_config={'attn_impl': 'torch', 'rope': True, 'rope_impl': 'hf'},
-        ffn_config={'ffn_type': 'mptmlp', 'ffn_act_fn': {'name': 'gelu'}},
-        loss_fn='torch_crossentropy',
-    )
+    model = paper_mpt('130m', seq, norm_eps=1e-5, learned_pos_emb=False)
     tokens = torch.randint(0, 32000, (batch * (steps + warmup), seq), generator=torch.Generator().manual_seed(0))
     data = [{'input_ids': t, 'labels': t.clone(), 'attention_mask': torch.ones_like(t)} for t in tokens]
 

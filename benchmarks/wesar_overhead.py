@@ -25,20 +25,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from common import SHAPES, VOCAB_SIZE, make_batch, paper_mpt, timed_step
 from llmfoundry.models.layers.custom_embedding import SharedEmbedding
 
 from wesar_composer import apply_wesar
 from wesar_composer.algorithms.wesar.modules import GatedEmbedding, GatedLinear
 from wesar_composer.reparam.modules import _autocast_dtype, _columns, expand_rows
 
-SHAPES = {
-    '130m': dict(d_model=768, n_heads=12, n_layers=12),
-    '1.3b': dict(d_model=2048, n_heads=16, n_layers=24),
-}
 VARIANTS = ('plain', 'wesar', 'wesar-previous', 'weight-scaling', 'wesar-autograd', 'output-scaling')
 
 
@@ -54,23 +50,8 @@ def build(variant: str, shape: str, seq_len: int, device: str, arch: str = 'mpt'
         if variant != 'plain':
             apply_wesar(model)
         return model, torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
-    from llmfoundry.models.mpt import ComposerMPTCausalLM
-
     flash = device == 'cuda' and _flash_installed()
-    attn = {'attn_impl': 'flash' if flash else 'torch', 'rope': True, 'rope_impl': 'hf'}
-    model = ComposerMPTCausalLM(
-        **SHAPES[shape],
-        expansion_ratio=4,
-        max_seq_len=seq_len,
-        vocab_size=32000,
-        no_bias=True,
-        norm_type='rmsnorm',
-        attn_config=attn,
-        ffn_config={'ffn_type': 'mptmlp', 'ffn_act_fn': {'name': 'gelu'}},
-        tie_word_embeddings=False,
-        loss_fn='torch_crossentropy',
-        init_device='cpu',
-    ).to(device)
+    model = paper_mpt(shape, seq_len, attn_impl='flash' if flash else 'torch').to(device)
     if variant != 'plain':
         apply_wesar(model)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
@@ -90,7 +71,7 @@ def _llama(shape: str, seq_len: int):
         num_attention_heads=dims['n_heads'],
         num_key_value_heads=dims['n_heads'],
         num_hidden_layers=dims['n_layers'],
-        vocab_size=32000,
+        vocab_size=VOCAB_SIZE,
         max_position_embeddings=seq_len,
         tie_word_embeddings=False,
     )
@@ -213,24 +194,7 @@ class _WeightScaled(torch.autograd.Function):
         return grad_x, grad_virtual * row_gates, grad_g, grad_b
 
 
-def step(model, optimizer, batch, device: str, zero_grad: bool = True) -> float:
-    if device == 'cuda':
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    if zero_grad:
-        optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
-        loss = model.loss(model(batch), batch)
-    loss.backward()
-    optimizer.step()
-    if device == 'cuda':
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def make_batch(batch_size: int, seq_len: int, device: str):
-    tokens = torch.randint(0, 32000, (batch_size, seq_len), device=device)
-    return {'input_ids': tokens, 'labels': tokens.clone(), 'attention_mask': torch.ones_like(tokens)}
+step = timed_step
 
 
 def time_side_by_side(args) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
