@@ -131,6 +131,14 @@ def test_skip_leaves_parameters_and_optimizer_state_bitwise_and_training_goes_on
     assert 'SpikeGuard' not in trainer.state.optimizers[0].step.__qualname__  # the wrapper is gone after fit
 
 
+def test_a_tensor_loss_from_the_closure_is_read_without_an_extra_sync():
+    guard = SpikeGuard(min_history=2)
+    for loss in (6.0, torch.tensor([6.1]), 6.05):
+        assert guard._decide(loss)
+    assert not guard._decide(torch.tensor([60.0]))
+    assert list(guard.loss_detector.values) == pytest.approx([6.0, 6.1, 6.05])
+
+
 def test_log_lets_the_step_happen():
     guard = SpikeGuard(action='log', min_history=3)
     _, snaps, memory = fit(guard)

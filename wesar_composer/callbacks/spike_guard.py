@@ -241,13 +241,16 @@ class SpikeGuard(CheckedHparams, Callback):
 
         if hasattr(inner, '_wrapped_by_lr_sched'):  # keeps torch's LR scheduler from warning of an override
             step._wrapped_by_lr_sched = True  # pyright: ignore[reportFunctionMemberAccess]
+        own = 'step' in vars(optimizer)  # the step the guard found on the instance, not the class's
         optimizer.step = types.MethodType(step, optimizer)
-        self._wrapped.append((optimizer, inner))
+        self._wrapped.append((optimizer, inner if own else None))
 
     def _unwrap(self) -> None:
         for optimizer, inner in self._wrapped:
-            if 'step' in vars(optimizer):
+            if inner is not None:
                 optimizer.step = inner
+            elif 'step' in vars(optimizer):
+                del optimizer.step  # back to the class's step
         self._wrapped = []
 
     def _decide(self, loss: Any) -> bool:
@@ -257,7 +260,8 @@ class SpikeGuard(CheckedHparams, Callback):
         shared = torch.zeros(2, dtype=torch.float64)
         if self._device is not None:
             shared = self._device.tensor_to_device(shared)
-        shared[0] = float(loss) / world  # Composer's closure returns this rank's loss as a float
+        # Composer's closure returns this rank's loss (a float; a tensor under a closure grad scaler: no sync here)
+        shared[0] = (loss.detach().to(shared) if isinstance(loss, torch.Tensor) else float(loss)) / world
         if self._grad_sq is not None:
             shared[1] = self._grad_sq
         if world > 1:
