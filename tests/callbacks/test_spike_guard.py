@@ -131,7 +131,7 @@ def test_skip_leaves_parameters_and_optimizer_state_bitwise_and_training_goes_on
     assert 'SpikeGuard' not in trainer.state.optimizers[0].step.__qualname__  # the wrapper is gone after fit
 
 
-def test_a_tensor_loss_from_the_closure_is_read_without_an_extra_sync():
+def test_the_closure_may_return_a_float_or_a_tensor():
     guard = SpikeGuard(min_history=2)
     for loss in (6.0, torch.tensor([6.1]), 6.05):
         assert guard._decide(loss)
