@@ -20,6 +20,9 @@ WeSaR); with no runs named, the newest run of each name in the store.
 
 Without ``--tracking-uri``: ``$MLFLOW_TRACKING_URI``, else the first of :data:`DEFAULT_STORES`
 that exists (``./runs/mlruns``, where the demo YAML logs, then MLflow's own ``./mlruns``).
+
+One module: every picture is drawn from the same ``Run`` records with the same figure helpers, for
+the one ``wesar-plot`` command.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ the same settings is reused as is; a folder with other settings or other content
 overwritten. The manifest's ``format`` stamps the version of the build: a dataset of the same
 settings built by an older version (format 1 saved a tokenizer that returns ``token_type_ids``)
 is rebuilt and replaced.
+
+One module: the settings, the manifest that caches them, the build and its command line are one
+pipeline, each step reading what the one before it wrote.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ Cleaning, in order (every step is deterministic and reported in the manifest):
 The split is by document: documents are ordered by the sha256 of their name and go to
 validation until it holds ``val_fraction`` of the characters, so a document is wholly in one
 split and the split does not depend on file system order.
+
+One module (a third of it this description and the cleaning's constants): fetching, reading,
+cleaning and splitting are the steps of one corpus, in order.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The grid of runs of ``wesar-experiments``: methods, shapes, scales, the plan, and each run's config."""
+"""The grid of runs of ``wesar-experiments``: methods, shapes, scales, the plan, and each run's config.
+
+One module: the plan and the configs read the same method table, learning-rate grids and scales,
+and a change to a group's runs is made to all of them at once.
+"""
 
 from __future__ import annotations
 
