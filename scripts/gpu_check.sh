@@ -6,12 +6,12 @@
 #   4. runs scripts/gpu_check.py in a process group of its own, killed whole if it outlives the budget,
 #      so that no worker keeps the GPU; prints one table.
 # Without .whl/ it uses the Python that has the package installed (.venv from `make test`, else python3).
-# Environment: GPU_CHECK_BUDGET_S (default 420), GPU_CHECK_OUT (default runs/gpu_check), PYTHON.
+# Environment: GPU_CHECK_BUDGET_S (default 330: with the install and the data, under 8 minutes), GPU_CHECK_OUT (default runs/gpu_check), PYTHON.
 # Arguments are passed to gpu_check.py, e.g. --cases bench-llama-1.3b.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-BUDGET=${GPU_CHECK_BUDGET_S:-420}
+BUDGET=${GPU_CHECK_BUDGET_S:-330}
 OUT=${GPU_CHECK_OUT:-runs/gpu_check}
 DATA=data/shakespeare-v4096-s128
 
