@@ -3,7 +3,8 @@
 The update-ratio monitor and the spike guard sum squares over the part of each tensor a rank
 holds and all-reduce the sums over the shard group, as Composer's ``OptimizerMonitor`` does.
 These helpers find that part: the local data, its flat offset in the whole tensor, and the
-group to reduce over. The ``DTensor`` test is :func:`wesar_composer.reparam.init.is_dtensor`.
+group to reduce over. The ``DTensor`` test and the local data are
+:func:`wesar_composer.reparam.init.is_dtensor` and :func:`~wesar_composer.reparam.init.local_tensor`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wesar_composer.reparam.init import is_dtensor
+from wesar_composer.reparam.init import is_dtensor, local_tensor
 
 __all__ = [
     'dtensor_local',
@@ -34,11 +35,6 @@ __all__ = [
 _WRAPPER_SEGMENTS = frozenset({'_fsdp_wrapped_module', '_checkpoint_wrapped_module', '_orig_mod'})
 
 ShardInfo = dict[int, tuple[int, int]]  # FSDP1: id(original param) -> (flat start in the global param, global numel)
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's data of an FSDP2 ``DTensor``, else the tensor itself."""
-    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def local_part(param: torch.Tensor, numel: int, shard_info: ShardInfo) -> tuple[torch.Tensor, int]:
