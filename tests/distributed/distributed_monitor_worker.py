@@ -17,17 +17,15 @@ import sys
 
 import torch
 import torch.distributed as torch_dist
-from composer import Trainer
 from composer.algorithms import GradientClipping
 from composer.core import Callback
 from composer.loggers import InMemoryLogger
-from composer.optim import DecoupledAdamW
 from composer.utils import dist
 from torch.utils.data import DataLoader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 sys.path.insert(0, ROOT)
-from tests.common import TokenBatches, mpt  # noqa: E402
+from tests.common import TokenBatches, cpu_trainer, mpt  # noqa: E402
 from wesar_composer import UpdateRatioMonitor, WeSaR, apply_wesar  # noqa: E402
 from wesar_composer.roles import find_matrices  # noqa: E402
 
@@ -63,18 +61,13 @@ def run_ddp(out_dir):
     dataset = TokenBatches(n=32)
     recorder = SliceRecorder(model)
     logger = InMemoryLogger()
-    trainer = Trainer(
-        model=model,
-        train_dataloader=DataLoader(dataset, batch_size=2, sampler=dist.get_sampler(dataset, shuffle=False)),
-        optimizers=DecoupledAdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=1e-5),
+    trainer = cpu_trainer(
+        model,
+        dataloader=DataLoader(dataset, batch_size=2, sampler=dist.get_sampler(dataset, shuffle=False)),
         max_duration=f'{STEPS}ba',
         algorithms=[WeSaR(), GradientClipping(clipping_type='norm', clipping_threshold=1.0)],
         callbacks=[UpdateRatioMonitor(log_interval=1, families='all', layers='all'), recorder],
         loggers=[logger],
-        device='cpu',
-        seed=17,
-        progress_bar=False,
-        log_to_console=False,
     )
     trainer.fit()
     logged = {
