@@ -58,8 +58,8 @@ class SpikeGuard(CheckedHparams, Callback):
     optimizer's own ``step`` or not. A skipped batch leaves every parameter and the whole
     optimizer state (moments, step counts) exactly as they were: the optimizer never ran. It
     works with any torch optimizer and with gradient accumulation (the closure covers every
-    microbatch), with or without WeSaR, under DDP, FSDP and FSDP2. The wrapper is removed at the
-    end of ``fit``.
+    microbatch), with or without WeSaR, under DDP, FSDP and FSDP2 (DDP and FSDP2 tested over gloo;
+    Composer's FSDP1 needs CUDA and is untested). The wrapper is removed at the end of ``fit``.
 
     A skipped batch still counts as trained: the timestamp, the learning-rate schedule and the
     dataloader move on. Buffers that the forward pass updates (running statistics) are not
