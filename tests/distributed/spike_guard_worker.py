@@ -83,6 +83,8 @@ class GuardCheck(Callback):
                 for b in (bad - 1, bad + 1)
             ],
             'sharded': any(hasattr(p, 'to_local') for p in state.model.parameters()),
+            'loss_window': list(guard.loss_detector.values),
+            'grad_norm_window': list(guard.grad_detector.values),
         }
         with open(os.path.join(self.out_dir, f'guard-rank{dist.get_global_rank()}.json'), 'w') as f:
             json.dump(result, f)
