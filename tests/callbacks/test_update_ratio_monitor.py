@@ -241,3 +241,15 @@ def test_llama_style_hf_model_gets_the_same_layout_with_a_glu_gate_projection(tm
     expected = {f'{family}/{s}' for family in FAMILIES + ('gate',) for s in suffixes}
     assert monitor_keys(data) == expected | SUMMARIES | {'update_ratio/mean_g'}
     assert all(len(data[key]) == 2 and all(v > 0 and math.isfinite(v) for _, v in data[key]) for key in expected)
+
+
+def test_update_ratio_monitor_from_an_empty_yaml_entry_logs_grad_norm_keys():
+    """``update_ratio_monitor: {}`` in a YAML: gradient norms of the matrices it logs."""
+    from llmfoundry.utils.builders import build_callback
+
+    monitor = build_callback('update_ratio_monitor', kwargs={})
+    monitor.log_interval = 1  # the default interval of 10 would log nothing in 2 batches
+    data = fit(mpt(d_model=64, n_layers=N_LAYERS), [monitor], batches=2)
+    grads = {k for k in data if k.startswith('grad_norm/')}
+    assert grads == {f'grad_norm/{k}' for k in monitor.logged_keys}
+    assert all(v > 0 for k in grads for _, v in data[k])
