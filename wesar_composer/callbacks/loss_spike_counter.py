@@ -12,8 +12,9 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 
 from wesar_composer.callbacks.keys import LOSS_KEY
-from wesar_composer.callbacks.post_mortem import emit, find_monitor, lr_phase, post_mortem_text
+from wesar_composer.callbacks.post_mortem import emit, lr_phase, post_mortem_text
 from wesar_composer.callbacks.spike_detection import SpikeDetector
+from wesar_composer.callbacks.update_ratio_monitor import find_monitor
 from wesar_composer.reparam.checks import CheckedHparams
 
 log = logging.getLogger(__name__)

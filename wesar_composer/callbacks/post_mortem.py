@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ['LARGE_RATIO', 'RatioRise', 'emit', 'find_monitor', 'lr_phase', 'post_mortem_text', 'ratio_rise']
+__all__ = ['LARGE_RATIO', 'RatioRise', 'emit', 'lr_phase', 'post_mortem_text', 'ratio_rise']
 
 LARGE_RATIO = 0.1  # an update ratio from which the line notes that a ratio near 1 replaces the weights
 NAMED_ABSOLUTE = 3  # largest absolute update ratios named in the line
@@ -82,13 +82,6 @@ def ratio_rise(
         rows.append((key, rise, ratio, baseline))
     rows.sort(key=lambda row: (math.isnan(row[1]), -row[1] if not math.isnan(row[1]) else 0.0))
     return RatioRise(step=step, baseline_steps=tuple(s for s, _ in earlier), rows=rows)
-
-
-def find_monitor(state: Any) -> Any:
-    """The ``UpdateRatioMonitor`` among the run's callbacks, or None."""
-    from wesar_composer.callbacks.update_ratio_monitor import UpdateRatioMonitor
-
-    return next((c for c in state.callbacks if isinstance(c, UpdateRatioMonitor)), None)
 
 
 def post_mortem_text(monitor: Any, batch: int, names: int) -> tuple[str, Optional[RatioRise]]:

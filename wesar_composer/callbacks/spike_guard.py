@@ -17,9 +17,10 @@ from composer.core import Callback, Precision, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from wesar_composer.callbacks.post_mortem import emit, find_monitor, lr_phase, post_mortem_text
+from wesar_composer.callbacks.post_mortem import emit, lr_phase, post_mortem_text
 from wesar_composer.callbacks.sharding import ShardInfo, fsdp1_shards, grad_sq_share
 from wesar_composer.callbacks.spike_detection import RULES, SpikeDetector, check_choice, check_positive_int
+from wesar_composer.callbacks.update_ratio_monitor import find_monitor
 from wesar_composer.reparam.checks import CheckedHparams
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from wesar_composer.roles import find_matrices, merged_role_map, unwrap
 
 log = logging.getLogger(__name__)
 
-__all__ = ['RatioRise', 'UpdateRatioMonitor']
+__all__ = ['RatioRise', 'UpdateRatioMonitor', 'find_monitor']
 
 DEFAULT_LOG_INTERVAL = 10  # batches, as Composer's OptimizerMonitor
 # grad_norm sorts before loss/ on an alphabetical dashboard; 50 keys a step at 40 layers
@@ -383,3 +383,8 @@ def _gates(matrix: _Matrix, shard_info: ShardInfo) -> list[tuple[tuple[str, ...]
     if isinstance(unembed_gate, torch.Tensor):
         gates.append((('p',), unembed_gate))
     return gates
+
+
+def find_monitor(state: State) -> Optional[UpdateRatioMonitor]:
+    """The ``UpdateRatioMonitor`` among the run's callbacks, or None."""
+    return next((c for c in state.callbacks if isinstance(c, UpdateRatioMonitor)), None)

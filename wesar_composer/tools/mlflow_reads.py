@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import statistics
 from typing import Optional
 
-__all__ = ['update_ratio_gap']
+from wesar_composer.callbacks.keys import LAYER_KEY, matrix_key
 
-_DOWN_KEY = re.compile(r'^update_ratio/L(\d+)/d$')
+__all__ = ['update_ratio_gap']
 
 
 def update_ratio_gap(tracking_uri: str, run_id: str) -> tuple[Optional[float], Optional[float]]:
@@ -17,11 +16,11 @@ def update_ratio_gap(tracking_uri: str, run_id: str) -> tuple[Optional[float], O
 
     client = MlflowClient(tracking_uri)
     keys = client.get_run(run_id).data.metrics
-    layers = sorted({int(m.group(1)) for k in keys if (m := _DOWN_KEY.match(k))})
+    layers = sorted({int(m.group(1)) for k in keys if (m := LAYER_KEY.match(k)) and m.group(2) == 'd'})
     per_layer = []
     for layer in layers:
-        d = {m.step: m.value for m in client.get_metric_history(run_id, f'update_ratio/L{layer}/d')}
-        u = {m.step: m.value for m in client.get_metric_history(run_id, f'update_ratio/L{layer}/u')}
+        d = {m.step: m.value for m in client.get_metric_history(run_id, 'update_ratio/' + matrix_key(layer, 'd'))}
+        u = {m.step: m.value for m in client.get_metric_history(run_id, 'update_ratio/' + matrix_key(layer, 'u'))}
         ratios = [d[s] / u[s] for s in sorted(d.keys() & u.keys()) if u[s] > 0]
         if ratios:
             per_layer.append(statistics.median(ratios))

@@ -16,6 +16,7 @@ from composer.core import Callback, State, TimeUnit
 from composer.loggers import Logger
 
 from wesar_composer.callbacks import LossSpikeCounter
+from wesar_composer.callbacks.keys import LOSS_KEY
 from wesar_composer.tools.console import DEFAULT_TAG, say
 
 __all__ = ['PROGRESS_CALLBACK', 'PROGRESS_INTERVAL', 'DemoProgress', 'register_progress_callback', 'spike_count']
@@ -47,7 +48,7 @@ class DemoProgress(Callback):
             return
         elapsed = time.perf_counter() - (self._start or time.perf_counter())
         per_batch = elapsed / max(batch, 1)
-        loss = state.total_loss_dict.get('loss/train/total')
+        loss = state.total_loss_dict.get(LOSS_KEY)
         lr = state.optimizers[0].param_groups[0]['lr'] if state.optimizers else float('nan')
         spikes = spike_count(state.callbacks)
         say(

@@ -65,8 +65,8 @@ def write_report(
         '',
         f'- val loss: cross entropy (nats/token) on {evaluated_text(data_summary)} after the last step; '
         'perplexity = exp(loss).',
-        '- loss spikes: `loss_spike_counter` (a batch whose loss is >= 1.5x the mean of the recent '
-        'non-spike losses starts a spike).',
+        '- loss spikes: `loss_spike_counter` (a batch whose loss is >= 1.5x the median of the recent '
+        'non-spike losses starts a spike, from the 4th batch on).',
         '- d/u gap: ||dW_d||/||W_d|| divided by ||dW_u||/||W_u|| (`update_ratio_monitor`), median '
         'over the logged steps, averaged over layers / in the last layer. The paper (Figure 1) finds '
         'W_d updated far faster than W_u under Small init and the two comparable under WeSaR.',

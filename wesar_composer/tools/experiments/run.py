@@ -17,6 +17,7 @@ import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 
+from wesar_composer.callbacks.keys import LOSS_KEY
 from wesar_composer.tools.experiments.grid import (
     METHODS,
     MLFLOW_EXPERIMENT,
@@ -50,7 +51,7 @@ class LossRecorder(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         if self._t is not None:
             self.batch_seconds.append(time.perf_counter() - self._t)
-        loss = state.total_loss_dict.get('loss/train/total')
+        loss = state.total_loss_dict.get(LOSS_KEY)
         self.losses.append(float(loss) if loss is not None else float('nan'))
 
     def fit_end(self, state: State, logger: Logger) -> None:
