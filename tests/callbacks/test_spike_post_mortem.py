@@ -13,6 +13,7 @@ from composer.loggers import InMemoryLogger, MLFlowLogger
 from torch.utils.data import DataLoader
 
 from tests.common import mpt
+from tests.common.callbacks import UpdateRatioRecorder
 from wesar_composer import LossSpikeCounter, UpdateRatioMonitor
 from wesar_composer.callbacks.loss_spike_counter import POST_MORTEM_COLUMNS
 from wesar_composer.callbacks.post_mortem import post_mortem_text
@@ -48,30 +49,6 @@ class LrJump(Callback):
             state.optimizers[0].param_groups[1]['lr'] *= BOOST
 
 
-class WeightRecorder(Callback):
-    """Update ratios by hand: every matrix slice copied before and after each optimizer step."""
-
-    def __init__(self, model):
-        self.specs = find_matrices(model)
-        self.before = None
-        self.ratios: dict[int, dict[str, float]] = {}
-
-    def _slices(self):
-        out = {}
-        for spec in self.specs:
-            for role, w in zip(spec.roles, spec.module.weight.detach().split(list(spec.slice_sizes))):
-                out[role if spec.layer is None else f'L{spec.layer}/{role}'] = w.clone()
-        return out
-
-    def after_train_batch(self, state, logger):
-        self.before = self._slices()
-
-    def batch_end(self, state, logger):
-        self.ratios[state.timestamp.batch.value] = {
-            k: ((w - self.before[k]).norm() / self.before[k].norm()).item() for k, w in self._slices().items()
-        }
-
-
 def provoke_spike(boosted_layer, monitor, loggers):
     """A tiny MPT on progressions; the lr of W_o and W_d of ``boosted_layer`` jumps BOOST-fold at JUMP."""
     model = mpt(d_model=64, n_layers=N_LAYERS, vocab_size=VOCAB)
@@ -81,7 +58,7 @@ def provoke_spike(boosted_layer, monitor, loggers):
     rest = [p for p in model.parameters() if all(p is not b for b in boosted)]
     optimizer = torch.optim.AdamW([{'params': rest}, {'params': boosted}], lr=1e-2, betas=(0.9, 0.95), weight_decay=0)
     counter = LossSpikeCounter(window_size=10, min_history=10)
-    recorder = WeightRecorder(model)
+    recorder = UpdateRatioRecorder(model)
     memory = InMemoryLogger()
     trainer = Trainer(
         model=model,

@@ -1,6 +1,8 @@
-"""A Composer callback for the train-path tests: did training lower the loss on a batch it saw?
+"""Composer callbacks for the tests: did training lower the loss on a batch it saw, and update ratios by hand.
 
-``FirstBatchLoss`` keeps the weights at ``fit_start`` (after the algorithms changed the model)
+``UpdateRatioRecorder`` copies every matrix slice before and after each optimizer step and
+computes ||W_after - W_before|| / ||W_before||, the reference the monitor's keys are checked
+against. ``FirstBatchLoss`` keeps the weights at ``fit_start`` (after the algorithms changed the model)
 and the first training batch; at ``fit_end`` it computes the loss of that batch under the initial
 and the final weights, in eval mode. A run that did not train gives two equal losses, whatever
 the data. ``register_first_batch_loss()`` makes it ``callbacks: {first_batch_loss: {}}`` in a YAML.
@@ -14,9 +16,42 @@ import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 
-__all__ = ['FIRST_BATCH_LOSS', 'FirstBatchLoss', 'first_batch_loss', 'register_first_batch_loss']
+__all__ = ['FIRST_BATCH_LOSS', 'FirstBatchLoss', 'UpdateRatioRecorder', 'first_batch_loss', 'register_first_batch_loss']
 
 FIRST_BATCH_LOSS = 'first_batch_loss'
+
+
+class UpdateRatioRecorder(Callback):
+    """Update ratios by hand, ``ratios[batch][key]``, with the monitor's keys (``'L0/q'``, ``'e'``)."""
+
+    def __init__(self, model: torch.nn.Module):
+        from wesar_composer.roles import find_matrices
+
+        self.specs = find_matrices(model)
+        self.before: Optional[dict[str, torch.Tensor]] = None
+        self.ratios: dict[int, dict[str, float]] = {}
+
+    def _slices(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for spec in self.specs:
+            for role, w in zip(spec.roles, spec.module.weight.detach().split(list(spec.slice_sizes))):
+                out[role if spec.layer is None else f'L{spec.layer}/{role}'] = w.clone()
+        return out
+
+    def after_train_batch(self, state: State, logger: Logger) -> None:
+        self.before = self._slices()
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        assert self.before is not None
+        before = self.before
+        self.ratios[state.timestamp.batch.value] = {
+            k: ((w - before[k]).norm() / before[k].norm()).item() for k, w in self._slices().items()
+        }
+
+    def by_key(self) -> dict[str, list[float]]:
+        """Each key's ratios in batch order."""
+        keys = next(iter(self.ratios.values()), {})
+        return {k: [self.ratios[b][k] for b in sorted(self.ratios)] for k in keys}
 
 
 class FirstBatchLoss(Callback):

@@ -18,7 +18,6 @@ import sys
 import torch
 import torch.distributed as torch_dist
 from composer.algorithms import GradientClipping
-from composer.core import Callback
 from composer.loggers import InMemoryLogger
 from composer.utils import dist
 from torch.utils.data import DataLoader
@@ -26,40 +25,17 @@ from torch.utils.data import DataLoader
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 sys.path.insert(0, ROOT)
 from tests.common import TokenBatches, cpu_trainer, mpt  # noqa: E402
+from tests.common.callbacks import UpdateRatioRecorder  # noqa: E402
 from wesar_composer import UpdateRatioMonitor, WeSaR, apply_wesar  # noqa: E402
 from wesar_composer.roles import find_matrices  # noqa: E402
 
 STEPS = 3
 
 
-class SliceRecorder(Callback):
-    """Update ratios by hand: each matrix slice copied before the step and compared after it."""
-
-    def __init__(self, model):
-        self.specs = find_matrices(model)
-        self.before = None
-        self.ratios = {}
-
-    def _slices(self):
-        out = {}
-        for spec in self.specs:
-            for role, w in zip(spec.roles, spec.module.weight.detach().split(list(spec.slice_sizes))):
-                out[role if spec.layer is None else f'L{spec.layer}/{role}'] = w.clone()
-        return out
-
-    def after_train_batch(self, state, logger):
-        self.before = self._slices()
-
-    def batch_end(self, state, logger):
-        for key, after in self._slices().items():
-            before = self.before[key]
-            self.ratios.setdefault(key, []).append(((after - before).norm() / before.norm()).item())
-
-
 def run_ddp(out_dir):
     model = mpt(d_model=64, n_layers=2, kv_n_heads=2)
     dataset = TokenBatches(n=32)
-    recorder = SliceRecorder(model)
+    recorder = UpdateRatioRecorder(model)
     logger = InMemoryLogger()
     trainer = cpu_trainer(
         model,
@@ -79,7 +55,7 @@ def run_ddp(out_dir):
     _write(
         out_dir,
         'ddp',
-        {'logged': logged, 'by_hand': recorder.ratios, 'world_size': dist.get_world_size(), 'wte_rows': first_rows},
+        {'logged': logged, 'by_hand': recorder.by_key(), 'world_size': dist.get_world_size(), 'wte_rows': first_rows},
     )
     trainer.close()
 
