@@ -18,6 +18,9 @@ runs out of time is reported as such and the next one starts):
    - FSDP1 with a sharded checkpoint and an ``hf_checkpointer`` export at batch 10, then a run
      resumed from that checkpoint (its losses of batches 11 to 20 beside the uninterrupted run's);
    - the export loaded by plain ``transformers`` (no gate key; logits finite).
+3. ``scripts/gpu_paper_case.py``: the paper's 130M rapid recipe for 100 steps on the demo data,
+   Small init at lr x sqrt(2/(5d)) / sigma against WeSaR at lr (the same relative steps): the
+   loss, the last layer's d/u update-ratio gap and the largest attention logit of each.
 
 Needs the package installed (its entry points register the algorithms with llm-foundry) and a
 dataset built by ``wesar-data`` (default ``data/shakespeare-v4096-s128``). Writes
@@ -42,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # (arch, shape, sequences of 2048 tokens per step, seconds at most). At 1.3B two models with AdamW
 # state and the activations of 8 x 2048 tokens do not fit in one H200 (139 GiB) together: 4 x 2048.
 BENCH = [('llama', '130m', 8, 90), ('llama', '1.3b', 4, 170), ('mpt', '130m', 8, 90)]
-PATH_CASES = ('fsdp1', 'fsdp2', 'compile', 'compile-small', 'sharded', 'resumed', 'export')
+PATH_CASES = ('fsdp1', 'fsdp2', 'compile', 'compile-small', 'sharded', 'resumed', 'export', 'paper-130m')
 
 
 class Budget:
@@ -234,6 +237,20 @@ def paths(out: Path, data: Path, budget: Budget, rows: list, selected) -> None:
         rows.append(('hf export, plain transformers', 'no export', '', '', ''))
 
 
+def paper_case(out: Path, data: Path, budget: Budget, rows: list) -> None:
+    """scripts/gpu_paper_case.py: the 130M recipe, 100 steps, Small init at matched relative steps against WeSaR."""
+    log = out / 'paper-130m.log'
+    cmd = [sys.executable, 'scripts/gpu_paper_case.py', '--data', str(data), '--out', str(out / 'paper_case')]
+    result, seconds = sh(cmd, log, min(150, max(budget.left() * 0.4, 1)))
+    table = re.findall(r'^\| (small_init|wesar) \| (.*) \|$', log.read_text(errors='replace'), re.M)
+    if result != 'ok' or not table:
+        rows.append(('paper 130M, 100 steps: Small init vs WeSaR', result, f'{seconds:.0f}', '', last_error(log)))
+    for method, cells in table:
+        lr, first, last, gap, logit = (c.strip() for c in cells.split('|'))
+        figure = f'loss {first} -> {last}, d/u {gap}, max attention logit {logit}'
+        rows.append((f'paper 130M, 100 steps, {method} at lr {lr}', result, f'{seconds:.0f}', figure, ''))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', type=Path, default=ROOT / 'runs' / 'gpu_check')
@@ -252,6 +269,8 @@ def main() -> None:
     print(f'torch {torch.__version__}, {device}', flush=True)
     rows: list[tuple] = []
     bench(logs, budget, rows, args.cases)
+    if 'paper-130m' in args.cases:
+        paper_case(logs, args.data.resolve(), budget, rows)
     paths(logs, args.data.resolve(), budget, rows, args.cases)
     header = ('case', 'result', 's', 'figure', 'note')
     table = [
