@@ -8,7 +8,10 @@ runs out of time is reported as such and the next one starts):
    one process on one model (plain = the gates bypassed, so a 1.3B model fits an 80 GB H100):
    Llama (PyTorch SDPA attention) at 130M (8 x 2048 tokens) and 1.3B (4 x 2048), and
    llm-foundry's MPT at 130M (``attn_impl: flash`` where flash-attn is installed, else ``torch``).
-2. llm-foundry's train path under ``composer -n 1`` on the demo YAML's model (d 128, 4 layers),
+2. ``scripts/gpu_paper_case.py``: the paper's 130M rapid recipe for 100 steps on the demo data,
+   Small init at lr x sqrt(2/(5d)) / sigma against WeSaR at lr (the same relative steps): the
+   loss, the last layer's d/u update-ratio gap and the largest attention logit of each.
+3. llm-foundry's train path under ``composer -n 1`` on the demo YAML's model (d 128, 4 layers),
    WeSaR with the update-ratio monitor and the spike counter, ``init_device: meta``,
    ``precision: amp_bf16``, 20 batches:
 
@@ -18,9 +21,6 @@ runs out of time is reported as such and the next one starts):
    - FSDP1 with a sharded checkpoint and an ``hf_checkpointer`` export at batch 10, then a run
      resumed from that checkpoint (its losses of batches 11 to 20 beside the uninterrupted run's);
    - the export loaded by plain ``transformers`` (no gate key; logits finite).
-3. ``scripts/gpu_paper_case.py``: the paper's 130M rapid recipe for 100 steps on the demo data,
-   Small init at lr x sqrt(2/(5d)) / sigma against WeSaR at lr (the same relative steps): the
-   loss, the last layer's d/u update-ratio gap and the largest attention logit of each.
 
 Needs the package installed (its entry points register the algorithms with llm-foundry) and a
 dataset built by ``wesar-data`` (default ``data/shakespeare-v4096-s128``). Writes
