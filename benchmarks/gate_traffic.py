@@ -20,6 +20,7 @@ import argparse
 from collections import Counter
 
 import torch
+from common import paper_mpt
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -68,24 +69,9 @@ class TrafficCounter(TorchDispatchMode):
 
 
 def build(gated: bool, d_model: int, n_layers: int, vocab: int, seq_len: int, pure: bool):
-    from llmfoundry.models.mpt import ComposerMPTCausalLM
-
     torch.manual_seed(0)
-    model = ComposerMPTCausalLM(
-        d_model=d_model,
-        n_heads=max(1, d_model // 64),
-        n_layers=n_layers,
-        expansion_ratio=4,
-        max_seq_len=seq_len,
-        vocab_size=vocab,
-        no_bias=True,
-        norm_type='rmsnorm',
-        attn_config={'attn_impl': 'torch', 'rope': True, 'rope_impl': 'hf'},
-        ffn_config={'ffn_type': 'mptmlp', 'ffn_act_fn': {'name': 'gelu'}},
-        tie_word_embeddings=False,
-        loss_fn='torch_crossentropy',
-        init_device='cpu',
-    )
+    shape = {'d_model': d_model, 'n_heads': max(1, d_model // 64), 'n_layers': n_layers, 'vocab_size': vocab}
+    model = paper_mpt('130m', seq_len, **shape)
     if gated:
         apply_wesar(model, seed=0)
     return model.to(torch.bfloat16) if pure else model

@@ -6,6 +6,7 @@ must be within 1e-5 (relative) of the float64 dot product <dL/dW_bar, W> per sli
 """
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,7 @@ def test_gate_traffic_is_at_most_10_bytes_per_weight_element():
     """The benchmark's count on a small MPT under bf16 autocast (tokens = 4 x d): the gated
     microbatch moves at most 10 bytes per weight element more than the plain one."""
     path = Path(__file__).parents[2] / 'benchmarks' / 'gate_traffic.py'
+    sys.path.insert(0, str(path.parent))  # as when the benchmark runs as a script: its folder first
     spec = importlib.util.spec_from_file_location('gate_traffic', path)
     assert spec is not None and spec.loader is not None
     traffic = importlib.util.module_from_spec(spec)
