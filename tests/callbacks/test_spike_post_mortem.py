@@ -7,12 +7,11 @@ import statistics
 
 import pytest
 import torch
-from composer import Trainer
 from composer.core import Callback
 from composer.loggers import InMemoryLogger, MLFlowLogger
 from torch.utils.data import DataLoader
 
-from tests.common import mpt
+from tests.common import cpu_trainer, mpt
 from tests.common.callbacks import UpdateRatioRecorder
 from wesar_composer import LossSpikeCounter, UpdateRatioMonitor
 from wesar_composer.callbacks.loss_spike_counter import POST_MORTEM_COLUMNS
@@ -60,17 +59,13 @@ def provoke_spike(boosted_layer, monitor, loggers):
     counter = LossSpikeCounter(window_size=10, min_history=10)
     recorder = UpdateRatioRecorder(model)
     memory = InMemoryLogger()
-    trainer = Trainer(
-        model=model,
-        train_dataloader=DataLoader(Progressions(), batch_size=8),
-        optimizers=optimizer,
+    trainer = cpu_trainer(
+        model,
+        dataloader=DataLoader(Progressions(), batch_size=8),
+        optimizer=optimizer,
         max_duration=f'{JUMP + 4}ba',
         callbacks=[counter, monitor, LrJump(), recorder],  # the counter first: it must not see the spike's own step
         loggers=[memory, *loggers],
-        device='cpu',
-        seed=17,
-        progress_bar=False,
-        log_to_console=False,
     )
     trainer.fit()
     trainer.close()

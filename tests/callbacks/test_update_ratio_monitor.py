@@ -4,14 +4,11 @@ import math
 
 import pytest
 import torch
-from composer import Trainer
 from composer.algorithms import GradientClipping
 from composer.core import Callback
 from composer.loggers import InMemoryLogger
-from composer.optim import DecoupledAdamW
-from torch.utils.data import DataLoader
 
-from tests.common import TokenBatches, llama, mpt
+from tests.common import cpu_trainer, llama, mpt
 from wesar_composer import UpdateRatioMonitor, WeSaR
 from wesar_composer.roles import find_matrices
 
@@ -24,19 +21,13 @@ SUMMARIES = {'update_ratio/max', 'update_ratio/last_layer_d_over_u'} | {f'update
 
 def fit(model, callbacks, batches, optimizer=None, algorithms=()):
     logger = InMemoryLogger()
-    optimizer = optimizer or DecoupledAdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=1e-5)
-    trainer = Trainer(
-        model=model,
-        train_dataloader=DataLoader(TokenBatches(), batch_size=4),
-        optimizers=optimizer,
+    trainer = cpu_trainer(
+        model,
+        optimizer=optimizer,
         max_duration=f'{batches}ba',
         algorithms=list(algorithms),
         callbacks=callbacks,
         loggers=[logger],
-        device='cpu',
-        seed=17,
-        progress_bar=False,
-        log_to_console=False,
     )
     trainer.fit()
     trainer.close()
