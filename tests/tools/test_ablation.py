@@ -11,6 +11,7 @@ from wesar_composer.tools.experiments.grid import (
     ABLATION_SHAPES,
     FULL,
     SHAPES,
+    RunSpec,
     ablation_extension,
     ablation_lr,
     ablation_points,
@@ -89,6 +90,22 @@ def test_extension_adds_points_past_an_edge_best_and_seeds_at_a_far_best():
     done = _arm('base', 'small_rapid', best_k=-4, ks=ablation_points('small_rapid')[0])
     names = {s.name for s in plan(FULL, ['ablation'])}
     assert all(s.name in names for s in ablation_extension(done, FULL, SHAPES))
+
+
+def test_plan_orders_runs_by_distance_from_each_arms_best_so_far():
+    # seed 0 done with Small init's best at k -1, two points above where it was expected (-4)
+    done = _arm('base', 'small_rapid', best_k=-1, seeds=(0,))
+    names = {RunSpec('ablation', r['method'], r['shape'], r['seed'], r['lr']).name for r in done}
+    todo = [s for s in plan(FULL, ['ablation'], ablation_rows=done) if s.name not in names]
+    arm = [s for s in todo if s.shape == 'base' and s.method == 'small_rapid']
+    ks = [round(4 * math.log10(s.lr / math.sqrt(2 / 320))) for s in arm]
+    distances = [abs(k - -1) for k in ks]
+    assert distances == sorted(distances)  # a deadline cuts the points far from the best first
+    assert ks[:2] == [-1, -1] and {s.seed for s in arm[:2]} == {1, 2}
+    # an arm without results is ordered around its expected optimum
+    other = [s for s in todo if s.shape == 'base' and s.method == 'wesar_width']
+    k_other = [round(4 * math.log10(s.lr / math.sqrt(0.081 / 64))) for s in other]
+    assert k_other[:3] == [-3, -3, -3]
 
 
 def test_paired_statistics_and_each_verdict():

@@ -357,7 +357,9 @@ def plan(
 
 def ablation_plan(scale: Scale, shapes: dict[str, dict[str, int]], rows: Sequence[dict] = ()) -> list[RunSpec]:
     """The ablation's runs: the near points at every seed (seed by seed, every shape), then the far
-    points at the first seed, then what :func:`ablation_extension` adds from ``rows``."""
+    points at the first seed, then what :func:`ablation_extension` adds from ``rows``; ordered by
+    distance from each arm's best point so far (:func:`ablation_priority`), so that a deadline cuts the
+    points far from each optimum first."""
     specs = []
     for seed in scale.ablation_seeds:
         for shape in scale.ablation_shapes:
@@ -373,7 +375,37 @@ def ablation_plan(scale: Scale, shapes: dict[str, dict[str, int]], rows: Sequenc
                 specs.append(RunSpec('ablation', method, shape, scale.ablation_seeds[0], lr))
     planned = {s.name for s in specs}
     specs += [s for s in ablation_extension(rows, scale, shapes) if s.name not in planned]
-    return specs
+    return ablation_priority(specs, rows, scale, shapes)
+
+
+def _best_points(rows: Sequence[dict], scale: Scale, shapes: dict[str, dict[str, int]]) -> dict[tuple[str, str], int]:
+    """The best grid point k so far of each (shape, arm): lowest mean validation loss over its seeds
+    (a diverged run counts as ln(vocab))."""
+    l0 = math.log(scale.vocab_size)
+    by_arm: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for r in rows:
+        if r['group'] != 'ablation' or r['shape'] not in scale.ablation_shapes:
+            continue
+        k = _grid_k(r['method'], shapes[r['shape']]['d_model'], r['lr'])
+        loss = r['val_loss'] if not r['diverged'] and math.isfinite(r['val_loss']) else l0
+        by_arm.setdefault((r['shape'], r['method']), {}).setdefault(k, []).append(min(loss, l0))
+    return {
+        arm: min(points, key=lambda k: (sum(points[k]) / len(points[k]), k)) for arm, points in by_arm.items()
+    }
+
+
+def ablation_priority(
+    specs: Sequence[RunSpec], rows: Sequence[dict], scale: Scale, shapes: dict[str, dict[str, int]]
+) -> list[RunSpec]:
+    """``specs`` in order of |k - best k| of their (shape, arm), the best from ``rows`` where it has
+    results and the expected optimum where not; the order is kept within a distance (seed by seed)."""
+    best = _best_points(rows, scale, shapes)
+
+    def distance(s: RunSpec) -> int:
+        k = _grid_k(s.method, shapes[s.shape]['d_model'], s.lr)
+        return abs(k - best.get((s.shape, s.method), ABLATION_OPTIMUM[s.method]))
+
+    return sorted(specs, key=distance)
 
 
 def _grid_k(method: str, d_model: int, lr: float) -> int:
@@ -387,17 +419,8 @@ def ablation_extension(rows: Sequence[dict], scale: Scale, shapes: dict[str, dic
     beyond it, and an L at a far point gains the seeds it lacks). Points beyond ABLATION_EXTENSION_LIMIT are not added; runs already planned or done
     are skipped by name, so a rerun of the group adds only what is missing.
     """
-    l0 = math.log(scale.vocab_size)
-    by_arm: dict[tuple[str, str], dict[int, list[float]]] = {}
-    for r in rows:
-        if r['group'] != 'ablation' or r['shape'] not in scale.ablation_shapes:
-            continue
-        k = _grid_k(r['method'], shapes[r['shape']]['d_model'], r['lr'])
-        loss = r['val_loss'] if not r['diverged'] and math.isfinite(r['val_loss']) else l0
-        by_arm.setdefault((r['shape'], r['method']), {}).setdefault(k, []).append(min(loss, l0))
     specs = []
-    for (shape, method), points in by_arm.items():
-        best = min(points, key=lambda k: (sum(points[k]) / len(points[k]), k))
+    for (shape, method), best in _best_points(rows, scale, shapes).items():
         wanted = {best - 1, best, best + 1, best + 2}
         lo, hi = ABLATION_EXTENSION_LIMIT
         for k in sorted(wanted):
