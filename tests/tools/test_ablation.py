@@ -74,8 +74,11 @@ def test_plan_near_points_at_every_seed_then_far_ones():
     first_far = next(
         i for i, s in enumerate(specs) if s.lr == ablation_lr(s.method, 64, ablation_points(s.method)[1][0])
     )
-    assert all(s.seed == 0 for s in specs[first_far:])  # the far points last: a deadline cuts them first
-    assert [s.seed for s in specs[:first_far]].count(2) == 7 * 3 * 4
+    # every seed of the expected best and its neighbours first, then seed 0 further out (the sweep the
+    # basins need), then seeds 1 and 2 of the second point above: a deadline cuts those first
+    assert [s.seed for s in specs[:first_far]].count(2) == 7 * 3 * 3
+    assert all(s.seed == 0 for s in specs[first_far : 7 * 3 * (9 + 3)])
+    assert {s.seed for s in specs[7 * 3 * (9 + 3) :]} == {1, 2}
     # equal points are equal relative steps: the same lr / sigma for Small init and WeSaR
     assert ablation_lr('small_rapid', 64, -3) / math.sqrt(2 / 320) == pytest.approx(10**-0.75, rel=1e-2)
     assert ablation_lr('wesar_width', 64, -3) / math.sqrt(0.081 / 64) == pytest.approx(10**-0.75, rel=1e-2)
@@ -102,6 +105,7 @@ def test_plan_orders_runs_by_distance_from_each_arms_best_so_far():
     distances = [abs(k - -1) for k in ks]
     assert distances == sorted(distances)  # a deadline cuts the points far from the best first
     assert ks[:2] == [-1, -1] and {s.seed for s in arm[:2]} == {1, 2}
+    assert max(distances[:6]) == 1 and min(distances[6:]) == 2
     # an arm without results is ordered around its expected optimum
     other = [s for s in todo if s.shape == 'base' and s.method == 'wesar_width']
     k_other = [round(4 * math.log10(s.lr / math.sqrt(0.081 / 64))) for s in other]

@@ -357,8 +357,8 @@ def plan(
 
 def ablation_plan(scale: Scale, shapes: dict[str, dict[str, int]], rows: Sequence[dict] = ()) -> list[RunSpec]:
     """The ablation's runs: the near points at every seed (seed by seed, every shape), then the far
-    points at the first seed, then what :func:`ablation_extension` adds from ``rows``; ordered by
-    distance from each arm's best point so far (:func:`ablation_priority`), so that a deadline cuts the
+    points at the first seed, then what :func:`ablation_extension` adds from ``rows``; ordered from
+    each arm's best point so far outwards (:func:`ablation_priority`), so that a deadline cuts the
     points far from each optimum first."""
     specs = []
     for seed in scale.ablation_seeds:
@@ -397,15 +397,21 @@ def _best_points(rows: Sequence[dict], scale: Scale, shapes: dict[str, dict[str,
 def ablation_priority(
     specs: Sequence[RunSpec], rows: Sequence[dict], scale: Scale, shapes: dict[str, dict[str, int]]
 ) -> list[RunSpec]:
-    """``specs`` in order of |k - best k| of their (shape, arm), the best from ``rows`` where it has
-    results and the expected optimum where not; the order is kept within a distance (seed by seed)."""
+    """``specs`` in the order a deadline should cut them last to first: every seed of the best point
+    and its two neighbours (the pairs of the verdicts), then the first seed of the points further out
+    (the sweep the basins need), then the other seeds of those, each by distance |k - best k| from
+    the (shape, arm)'s best so far (from ``rows``; the expected optimum where it has none). The order
+    is kept within a distance (seed by seed)."""
     best = _best_points(rows, scale, shapes)
 
-    def distance(s: RunSpec) -> int:
+    def priority(s: RunSpec) -> tuple[int, int]:
         k = _grid_k(s.method, shapes[s.shape]['d_model'], s.lr)
-        return abs(k - best.get((s.shape, s.method), ABLATION_OPTIMUM[s.method]))
+        distance = abs(k - best.get((s.shape, s.method), ABLATION_OPTIMUM[s.method]))
+        if distance <= 1:
+            return 0, distance
+        return (1 if s.seed == scale.ablation_seeds[0] else 2), distance
 
-    return sorted(specs, key=distance)
+    return sorted(specs, key=priority)
 
 
 def _grid_k(method: str, d_model: int, lr: float) -> int:
