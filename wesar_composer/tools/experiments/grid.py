@@ -389,9 +389,7 @@ def _best_points(rows: Sequence[dict], scale: Scale, shapes: dict[str, dict[str,
         k = _grid_k(r['method'], shapes[r['shape']]['d_model'], r['lr'])
         loss = r['val_loss'] if not r['diverged'] and math.isfinite(r['val_loss']) else l0
         by_arm.setdefault((r['shape'], r['method']), {}).setdefault(k, []).append(min(loss, l0))
-    return {
-        arm: min(points, key=lambda k: (sum(points[k]) / len(points[k]), k)) for arm, points in by_arm.items()
-    }
+    return {arm: min(points, key=lambda k: (sum(points[k]) / len(points[k]), k)) for arm, points in by_arm.items()}
 
 
 def ablation_priority(
