@@ -13,6 +13,7 @@ from wesar_composer.tools.experiments.grid import (
     SHAPES,
     RunSpec,
     ablation_extension,
+    ablation_k,
     ablation_lr,
     ablation_points,
     plan,
@@ -64,7 +65,7 @@ def _line(lines, question):
     return next(line for line in lines if question in line)
 
 
-def test_plan_near_points_at_every_seed_then_far_ones():
+def test_plan_near_points_at_every_seed_and_far_ones_at_the_first():
     specs = plan(FULL, ['ablation'])
     names = [s.name for s in specs]
     assert len(names) == len(set(names)) == 294  # 7 arms x 3 shapes x (4 near x 3 seeds + 2 far)
@@ -79,6 +80,10 @@ def test_plan_near_points_at_every_seed_then_far_ones():
     assert [s.seed for s in specs[:first_far]].count(2) == 7 * 3 * 3
     assert all(s.seed == 0 for s in specs[first_far : 7 * 3 * (9 + 3)])
     assert {s.seed for s in specs[7 * 3 * (9 + 3) :]} == {1, 2}
+    # ablation_k inverts ablation_lr despite its 3-digit rounding
+    assert all(
+        ablation_k(m, d, ablation_lr(m, d, k)) == k for m in ABLATION_ARMS for d in (64, 128) for k in range(-8, 3)
+    )
     # equal points are equal relative steps: the same lr / sigma for Small init and WeSaR
     assert ablation_lr('small_rapid', 64, -3) / math.sqrt(2 / 320) == pytest.approx(10**-0.75, rel=1e-2)
     assert ablation_lr('wesar_width', 64, -3) / math.sqrt(0.081 / 64) == pytest.approx(10**-0.75, rel=1e-2)
@@ -101,14 +106,14 @@ def test_plan_orders_runs_by_distance_from_each_arms_best_so_far():
     names = {RunSpec('ablation', r['method'], r['shape'], r['seed'], r['lr']).name for r in done}
     todo = [s for s in plan(FULL, ['ablation'], ablation_rows=done) if s.name not in names]
     arm = [s for s in todo if s.shape == 'base' and s.method == 'small_rapid']
-    ks = [round(4 * math.log10(s.lr / math.sqrt(2 / 320))) for s in arm]
+    ks = [ablation_k(s.method, 64, s.lr) for s in arm]
     distances = [abs(k - -1) for k in ks]
     assert distances == sorted(distances)  # a deadline cuts the points far from the best first
     assert ks[:2] == [-1, -1] and {s.seed for s in arm[:2]} == {1, 2}
     assert max(distances[:6]) == 1 and min(distances[6:]) == 2
     # an arm without results is ordered around its expected optimum
     other = [s for s in todo if s.shape == 'base' and s.method == 'wesar_width']
-    k_other = [round(4 * math.log10(s.lr / math.sqrt(0.081 / 64))) for s in other]
+    k_other = [ablation_k(s.method, 64, s.lr) for s in other]
     assert k_other[:3] == [-3, -3, -3]
 
 

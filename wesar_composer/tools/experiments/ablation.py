@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from wesar_composer.tools.experiments.grid import ABLATION_ARMS, FULL, METHODS, SHAPES, arm_sigma
+from wesar_composer.tools.experiments.grid import ABLATION_ARMS, FULL, METHODS, SHAPES, ablation_k, arm_sigma
 from wesar_composer.tools.experiments.measures import EQUIVALENCE_MARGIN, Paired, basin, mean_sd, sensitivity
 from wesar_composer.tools.experiments.tables import best_in_bold, sweep_table
 
@@ -81,10 +81,6 @@ class AblationArm:
         return mean_sd(self.logits.get(self.best_k, []))[0]
 
 
-def _k(method: str, d_model: int, lr: float) -> int:
-    return round(4 * math.log10(lr / arm_sigma(method, d_model)))
-
-
 def summarize_ablation(rows: list[dict]) -> dict[tuple[str, str], AblationArm]:
     out: dict[tuple[str, str], AblationArm] = {}
     sel = [r for r in rows if r['group'] == 'ablation']
@@ -95,7 +91,7 @@ def summarize_ablation(rows: list[dict]) -> dict[tuple[str, str], AblationArm]:
                 continue
             arm = AblationArm(shape, method, [], {})
             for r in runs:
-                k = _k(method, r['d_model'], r['lr'])
+                k = ablation_k(method, r['d_model'], r['lr'])
                 loss = r['val_loss'] if not r['diverged'] and math.isfinite(r['val_loss']) else L0
                 arm.losses.setdefault(k, {})[r['seed']] = min(loss, L0)
                 logit = r.get('max_attn_logit', float('nan'))

@@ -32,6 +32,7 @@ __all__ = [
     'ablation_lr',
     'ablation_points',
     'ablation_extension',
+    'ablation_k',
     'arm_sigma',
     'estimate_seconds',
     'study_sigma_squared',
@@ -356,10 +357,8 @@ def plan(
 
 
 def ablation_plan(scale: Scale, shapes: dict[str, dict[str, int]], rows: Sequence[dict] = ()) -> list[RunSpec]:
-    """The ablation's runs: the near points at every seed (seed by seed, every shape), then the far
-    points at the first seed, then what :func:`ablation_extension` adds from ``rows``; ordered from
-    each arm's best point so far outwards (:func:`ablation_priority`), so that a deadline cuts the
-    points far from each optimum first."""
+    """The ablation's runs: the near points at every seed, the far points at the first seed and what
+    :func:`ablation_extension` adds from ``rows``, in the order of :func:`ablation_priority`."""
     specs = []
     for seed in scale.ablation_seeds:
         for shape in scale.ablation_shapes:
@@ -386,7 +385,7 @@ def _best_points(rows: Sequence[dict], scale: Scale, shapes: dict[str, dict[str,
     for r in rows:
         if r['group'] != 'ablation' or r['shape'] not in scale.ablation_shapes:
             continue
-        k = _grid_k(r['method'], shapes[r['shape']]['d_model'], r['lr'])
+        k = ablation_k(r['method'], shapes[r['shape']]['d_model'], r['lr'])
         loss = r['val_loss'] if not r['diverged'] and math.isfinite(r['val_loss']) else l0
         by_arm.setdefault((r['shape'], r['method']), {}).setdefault(k, []).append(min(loss, l0))
     return {arm: min(points, key=lambda k: (sum(points[k]) / len(points[k]), k)) for arm, points in by_arm.items()}
@@ -403,7 +402,7 @@ def ablation_priority(
     best = _best_points(rows, scale, shapes)
 
     def priority(s: RunSpec) -> tuple[int, int]:
-        k = _grid_k(s.method, shapes[s.shape]['d_model'], s.lr)
+        k = ablation_k(s.method, shapes[s.shape]['d_model'], s.lr)
         distance = abs(k - best.get((s.shape, s.method), ABLATION_OPTIMUM[s.method]))
         if distance <= 1:
             return 0, distance
@@ -412,7 +411,8 @@ def ablation_priority(
     return sorted(specs, key=priority)
 
 
-def _grid_k(method: str, d_model: int, lr: float) -> int:
+def ablation_k(method: str, d_model: int, lr: float) -> int:
+    """The grid point of ``lr`` for an arm: k with lr / sigma = 10^(k/4) (the inverse of :func:`ablation_lr`)."""
     return round(4 * math.log10(lr / arm_sigma(method, d_model)))
 
 
